@@ -1,0 +1,153 @@
+/**
+ * The native addon's whole surface, typed.
+ *
+ * Every function checks its arguments in JavaScript-facing C code before any syscall and
+ * throws a {@link NativeError} (`code` such as `"EBADF"`, `errno`, `syscall`) on failure.
+ * Calls that would block on a non-blocking fd return `null` instead of throwing `EAGAIN`.
+ */
+import { createRequire } from "node:module";
+
+/** Error thrown by the addon: the errno name, its number and the syscall that failed. */
+export interface NativeError extends Error {
+  /** errno name, e.g. `"EBADF"`, or `"EINVAL_ARG"` for an argument rejected before any syscall */
+  code: string;
+  /** errno number (0 for argument errors) */
+  errno: number;
+  /** name of the syscall (or addon function) that failed */
+  syscall: string;
+}
+
+/** Result of {@link NativeBinding.recvmsg}. */
+export interface RecvResult {
+  /** bytes received; 0 means the peer closed the connection */
+  bytes: number;
+  /** fds received with these bytes (SCM_RIGHTS, already O_CLOEXEC) */
+  fds: number[];
+  /** true when the kernel truncated the ancillary data or more than 8 fds arrived (the surplus was closed) */
+  fdsTruncated: boolean;
+}
+
+/** Readiness events for {@link FdWatcher}. */
+export const POLL_READABLE = 1;
+/** Readiness events for {@link FdWatcher}. */
+export const POLL_WRITABLE = 2;
+
+/**
+ * Watches one fd for readiness with `uv_poll_t` on the calling environment's own event loop
+ * (so it works in worker threads). The callback gets the ready events, or an error.
+ */
+export interface FdWatcher {
+  /** Start or change the watched events (`POLL_READABLE | POLL_WRITABLE`). */
+  start(events: number): void;
+  /** Stop watching; `start` may be called again. */
+  stop(): void;
+  /** Stop and release the handle; the fd itself is not closed. Idempotent. */
+  close(): void;
+}
+
+/** Constructor of {@link FdWatcher}. */
+export interface FdWatcherConstructor {
+  new (fd: number, callback: (events: number, error: NativeError | null) => void): FdWatcher;
+}
+
+/** The functions the C addon exports. */
+export interface NativeBinding {
+  /** memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING). Returns the fd. */
+  memfdCreate(name: string): number;
+  /** ftruncate(fd, size). */
+  ftruncate(fd: number, size: number): void;
+  /** fstat(fd).st_size. */
+  fstatSize(fd: number): number;
+  /**
+   * mmap(NULL, length, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd, offset).
+   * `offset` must be a multiple of the page size. Returns an external ArrayBuffer over the
+   * mapping; it is unmapped by {@link munmap} or, failing that, when it is garbage-collected.
+   */
+  mmap(fd: number, offset: number, length: number, writable: boolean): ArrayBuffer;
+  /**
+   * Unmap a buffer returned by {@link mmap} now and detach it (its byteLength becomes 0, so no
+   * view can reach the unmapped pages). Idempotent; throws for a buffer that mmap did not make.
+   */
+  munmap(buffer: ArrayBuffer): void;
+  /** The system page size. */
+  pageSize(): number;
+  /** eventfd(initval, EFD_CLOEXEC | EFD_NONBLOCK). */
+  eventfd(initval: number): number;
+  /** Read an eventfd's counter (resetting it); `null` when it is zero (EAGAIN). */
+  eventfdRead(fd: number): bigint | null;
+  /** Add `value` (default 1) to an eventfd's counter. Returns false on EAGAIN (counter full). */
+  eventfdWrite(fd: number, value?: bigint | number): boolean;
+  /** pipe2(O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0)). Returns [readEnd, writeEnd]. */
+  pipe(nonBlocking: boolean): [number, number];
+  /** dup the fd with F_DUPFD_CLOEXEC. */
+  dup(fd: number): number;
+  /** close(fd). Throws on EBADF. */
+  close(fd: number): void;
+  /** Set or clear O_NONBLOCK. */
+  setNonBlocking(fd: number, nonBlocking: boolean): void;
+  /** read(fd) into `buffer[offset, offset+length)`. Returns bytes read (0 = EOF) or `null` on EAGAIN. */
+  read(fd: number, buffer: Uint8Array, offset: number, length: number): number | null;
+  /** write(fd) from `buffer[offset, offset+length)`. Returns bytes written or `null` on EAGAIN. */
+  write(fd: number, buffer: Uint8Array, offset: number, length: number): number | null;
+  /** socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC) + bind + listen. */
+  unixListen(path: string, backlog: number): number;
+  /** accept4(fd, SOCK_NONBLOCK | SOCK_CLOEXEC). Returns the fd, or `null` on EAGAIN. */
+  unixAccept(fd: number): number | null;
+  /**
+   * socket + connect to `path`. Returns the connected, non-blocking fd. A Unix stream connect
+   * completes at once or fails (ECONNREFUSED, ENOENT, EAGAIN when the backlog is full).
+   */
+  unixConnect(path: string): number;
+  /** socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC). */
+  socketpair(): [number, number];
+  /**
+   * sendmsg(fd, data[offset, offset+length), SCM_RIGHTS fds (at most 8), MSG_NOSIGNAL).
+   * Returns bytes sent, or `null` on EAGAIN (nothing was sent, fds included).
+   */
+  sendmsg(fd: number, data: Uint8Array, offset: number, length: number, fds: number[]): number | null;
+  /**
+   * recvmsg(fd, into buffer[offset, offset+length), MSG_CMSG_CLOEXEC), accepting up to 8 fds.
+   * Returns `null` on EAGAIN.
+   */
+  recvmsg(fd: number, buffer: Uint8Array, offset: number, length: number): RecvResult | null;
+  /** shutdown(fd, SHUT_RDWR). */
+  shutdown(fd: number): void;
+  /** Readiness watcher class. */
+  FdWatcher: FdWatcherConstructor;
+}
+
+function load(): NativeBinding {
+  const require = createRequire(import.meta.url);
+  const candidates = [
+    "../build/Release/vhostkit.node",
+    "../../build/Release/vhostkit.node",
+    "../build/Debug/vhostkit.node",
+    "../../build/Debug/vhostkit.node",
+  ];
+  const failures: string[] = [];
+  for (const candidate of candidates) {
+    try {
+      return require(candidate) as NativeBinding;
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code !== "MODULE_NOT_FOUND") throw err;
+      failures.push(candidate);
+    }
+  }
+  throw new Error(
+    `vhostkit: the native addon is not built (looked for ${failures.join(", ")}); ` +
+      "run `npm ci` or `npx node-gyp rebuild` in the package directory",
+  );
+}
+
+/** The loaded native addon. Loading fails with one clear error when it was not built. */
+export const native: NativeBinding = load();
+
+/**
+ * Type guard for errors thrown by the addon.
+ * @param err any thrown value
+ * @returns true when `err` carries the addon's `code`, `errno` and `syscall`
+ */
+export function isNativeError(err: unknown): err is NativeError {
+  return err instanceof Error && typeof (err as NativeError).syscall === "string";
+}
