@@ -1,0 +1,9 @@
+// Regenerate docs/protocol.md from the request table. Run after a build:
+//   npx tsc -p tsconfig.json && node scripts/gen-protocol-doc.mjs
+import { writeFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { renderProtocolDoc } from "../dist/src/protocol/doc.js";
+
+const target = fileURLToPath(new URL("../docs/protocol.md", import.meta.url));
+writeFileSync(target, renderProtocolDoc());
+console.log(`wrote ${target}`);
