@@ -1,0 +1,116 @@
+/**
+ * The interface a device author implements. vhostkit owns the protocol, guest memory and the
+ * rings; a device declares what it is and is called when one of its queues has work.
+ */
+import type { GuestMemory } from "../memory/guest-memory.js";
+import type { DescChain } from "../virtq/types.js";
+
+/** Minimal logger the application passes in (no global logger). */
+export interface Logger {
+  debug(message: string): void;
+  info(message: string): void;
+  warn(message: string): void;
+  error(message: string): void;
+}
+
+/** A logger that drops everything. */
+export const silentLogger: Logger = Object.freeze({
+  debug() {},
+  info() {},
+  warn() {},
+  error() {},
+});
+
+/**
+ * A queue as the device sees it. The device reads and writes guest buffers only through
+ * {@link BackendQueue.read} and {@link BackendQueue.write}, which bounds-check every access and
+ * mark the dirty log while the front-end is migrating.
+ */
+export interface BackendQueue {
+  /** queue index */
+  readonly index: number;
+  /** number of descriptors */
+  readonly size: number;
+  /** true while the ring may be processed (started by a kick, not yet stopped by GET_VRING_BASE) */
+  readonly started: boolean;
+  /** true when the ring may pass data to or from the device (SET_VRING_ENABLE) */
+  readonly enabled: boolean;
+  /**
+   * Take the next available chain, or null. A malformed ring marks the queue broken (the
+   * front-end is told through the ring's err eventfd) and null is returned.
+   */
+  pop(): DescChain | null;
+  /**
+   * Return a chain to the driver (visible at the next {@link flush}).
+   * @param chain a chain returned by pop()
+   * @param written bytes written into its writable segments
+   */
+  pushUsed(chain: DescChain, written: number): void;
+  /** Publish used entries and notify the driver if it asked for it. */
+  flush(): void;
+  /**
+   * Copy the chain's readable bytes, starting at `offset`, into `dst`.
+   * @returns the number of bytes copied
+   */
+  read(chain: DescChain, dst: Uint8Array, offset?: number): number;
+  /**
+   * Copy `src` into the chain's writable segments starting at `offset`, marking the dirty log.
+   * @returns the number of bytes copied (less than src.length when the chain is too short)
+   */
+  write(chain: DescChain, src: Uint8Array, offset?: number): number;
+  /** The guest memory this queue works on (for zero-copy devices). LIFETIME: until the next memory-table change. */
+  readonly memory: GuestMemory;
+}
+
+/** Events and context the framework gives to a device. */
+export interface DeviceContext {
+  /** the application's logger, prefixed with the connection name */
+  readonly log: Logger;
+  /** the queue with this index, or undefined when it is not set up */
+  queue(index: number): BackendQueue | undefined;
+  /** Send a config-change notification to the front-end (BACKEND_REQ channel), if negotiated. */
+  notifyConfigChange(): void;
+  /** negotiated virtio features */
+  readonly features: bigint;
+  /** negotiated protocol features */
+  readonly protocolFeatures: bigint;
+}
+
+/** A virtio device served over vhost-user. */
+export interface VhostUserDevice {
+  /** virtio device id (VIRTIO 1.2 §5: 1 = network) */
+  readonly deviceId: number;
+  /** the device's own virtio feature bits (the framework adds the transport bits it supports) */
+  readonly features: bigint;
+  /** protocol features the device supports beyond the framework's own (e.g. MQ, RARP, CONFIG) */
+  readonly protocolFeatures?: bigint;
+  /** number of virtqueues */
+  readonly queueCount: number;
+  /** largest queue size accepted */
+  readonly maxQueueSize: number;
+  /** value of GET_QUEUE_NUM (defaults to queueCount; net devices report queue pairs) */
+  readonly queueNum?: number;
+
+  /** A front-end connected (the device is set up again from scratch). */
+  attach?(ctx: DeviceContext): void;
+  /** The front-end left or reset the device. */
+  detach?(): void;
+  /** Features were negotiated (SET_FEATURES). */
+  setFeatures?(features: bigint): void;
+  /**
+   * A queue has work: it was kicked, or it was started. While the queue is started but not
+   * enabled the device must process it without side effects (for a network device: drop TX,
+   * fill no RX). The framework flushes the queue afterwards.
+   */
+  processQueue(queue: BackendQueue): void;
+  /** A queue started, stopped, was enabled or disabled. */
+  queueStateChanged?(queue: BackendQueue): void;
+  /** GET_CONFIG: return `size` bytes of config space from `offset`. */
+  getConfig?(offset: number, size: number): Uint8Array;
+  /** SET_CONFIG. */
+  setConfig?(offset: number, data: Uint8Array): void;
+  /** SEND_RARP with the guest's MAC (vhost-user: VHOST_USER_SEND_RARP). */
+  sendRarp?(mac: Uint8Array): void;
+  /** NET_SET_MTU. */
+  setMtu?(mtu: number): void;
+}

@@ -1,0 +1,172 @@
+/**
+ * Serving a device on a Unix socket: as a server (listening on a path) or as a client
+ * (connecting to a front-end's socket, reconnecting with backoff). One front-end at a time per
+ * device; after it leaves, a new one can connect and set the device up again.
+ */
+import { EventEmitter } from "node:events";
+import { unlinkSync, lstatSync } from "node:fs";
+import { native, POLL_READABLE } from "../native.js";
+import type { FdWatcher } from "../native.js";
+import { Channel } from "../channel.js";
+import { BackendSession } from "./session.js";
+import { silentLogger } from "./device.js";
+import type { Logger, VhostUserDevice } from "./device.js";
+
+/** Options of {@link serveBackend}. */
+export interface ServeOptions {
+  /** socket path */
+  path: string;
+  /** connect to the front-end's socket instead of listening (QEMU `server=on`) */
+  client?: boolean;
+  /** the application's logger */
+  logger?: Logger;
+  /** client mode: first and largest delay between connection attempts (ms) */
+  reconnectDelayMs?: { min: number; max: number };
+  /** server mode: remove a stale socket file at `path` first (default true) */
+  unlinkStale?: boolean;
+}
+
+/**
+ * A device served on one socket. Events: `session` (a front-end connected, with the
+ * {@link BackendSession}), `disconnect`, `error`.
+ */
+export class BackendServer extends EventEmitter {
+  readonly device: VhostUserDevice;
+  readonly path: string;
+  readonly client: boolean;
+  readonly log: Logger;
+  #listenFd = -1;
+  #listenWatcher: FdWatcher | null = null;
+  #session: BackendSession | null = null;
+  #closed = false;
+  #createdSocket = false;
+  #retryTimer: NodeJS.Timeout | null = null;
+  #delay: number;
+  readonly #delays: { min: number; max: number };
+
+  /**
+   * @param device the device to serve
+   * @param options socket path, mode, logger
+   */
+  constructor(device: VhostUserDevice, options: ServeOptions) {
+    super();
+    this.device = device;
+    this.path = options.path;
+    this.client = options.client ?? false;
+    this.log = options.logger ?? silentLogger;
+    this.#delays = options.reconnectDelayMs ?? { min: 50, max: 2000 };
+    this.#delay = this.#delays.min;
+    if (this.client) {
+      this.#connect();
+    } else {
+      if (options.unlinkStale !== false) removeStaleSocket(this.path);
+      this.#listenFd = native.unixListen(this.path, 16);
+      this.#createdSocket = true;
+      this.#listenWatcher = new native.FdWatcher(this.#listenFd, (_ev, err) => {
+        if (err) {
+          this.log.error(`${this.path}: listen socket error: ${err.message}`);
+          return;
+        }
+        this.#accept();
+      });
+      this.#listenWatcher.start(POLL_READABLE);
+      this.log.info(`${this.path}: listening`);
+    }
+  }
+
+  /** @returns the current session, or null while no front-end is connected */
+  get session(): BackendSession | null {
+    return this.#session;
+  }
+
+  #accept(): void {
+    for (;;) {
+      let fd: number | null;
+      try {
+        fd = native.unixAccept(this.#listenFd);
+      } catch (err) {
+        this.log.error(`${this.path}: accept failed: ${(err as Error).message}`);
+        return;
+      }
+      if (fd === null) return;
+      if (this.#session) {
+        this.log.warn(`${this.path}: refusing a second front-end while one is connected`);
+        native.close(fd);
+        continue;
+      }
+      this.#startSession(fd);
+    }
+  }
+
+  #connect(): void {
+    if (this.#closed) return;
+    let fd: number;
+    try {
+      fd = native.unixConnect(this.path);
+    } catch (err) {
+      const e = err as Error & { code?: string };
+      this.log.debug(`${this.path}: connect failed (${e.code ?? e.message}); retry in ${this.#delay} ms`);
+      this.#retryTimer = setTimeout(() => this.#connect(), this.#delay);
+      this.#delay = Math.min(this.#delay * 2, this.#delays.max);
+      return;
+    }
+    this.#delay = this.#delays.min;
+    this.log.info(`${this.path}: connected to front-end`);
+    this.#startSession(fd);
+  }
+
+  #startSession(fd: number): void {
+    const channel = new Channel(fd, { role: "backend", kind: "main", name: this.path });
+    const session = new BackendSession(channel, this.device, { name: this.path, logger: this.log });
+    this.#session = session;
+    this.log.info(`${this.path}: front-end connected`);
+    session.on("error", (err: Error) => this.emit("error", err));
+    session.on("close", () => {
+      if (this.#session === session) this.#session = null;
+      this.emit("disconnect", session);
+      if (this.client && !this.#closed) {
+        this.#retryTimer = setTimeout(() => this.#connect(), this.#delay);
+      }
+    });
+    this.emit("session", session);
+  }
+
+  /** Stop serving: close the session and the socket, and remove the socket file it created. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#session?.close();
+    this.#session = null;
+    this.#listenWatcher?.close();
+    this.#listenWatcher = null;
+    if (this.#listenFd >= 0) native.close(this.#listenFd);
+    this.#listenFd = -1;
+    if (this.#createdSocket) {
+      try {
+        unlinkSync(this.path);
+      } catch {
+        // already gone
+      }
+    }
+  }
+}
+
+/**
+ * Serve a device on a socket.
+ * @param device the device
+ * @param options socket path, client or server mode, logger
+ * @returns the server; close it to stop
+ * @throws NativeError when the socket cannot be created
+ */
+export function serveBackend(device: VhostUserDevice, options: ServeOptions): BackendServer {
+  return new BackendServer(device, options);
+}
+
+function removeStaleSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    // does not exist
+  }
+}

@@ -1,0 +1,837 @@
+/**
+ * One front-end connection to a back-end: the handler of every front-end request
+ * (vhost-user: "Front-end message types"), the rings, guest memory and the dirty log.
+ *
+ * Requests are handled one at a time, in order. Syntax (sizes, flags, fds) was checked by the
+ * channel from the request table; this file checks semantics (negotiated features, ring
+ * indices, memory ranges). A request that fails its checks gets a failure reply where a reply
+ * is due (REPLY_ACK or a reply body), a log line naming the request and the value, and the
+ * connection goes on; a malformed ring breaks only that ring.
+ */
+import { EventEmitter } from "node:events";
+import { native } from "../native.js";
+import {
+  BackendRequest,
+  FrontendRequest,
+  ProtocolFeature,
+  VirtioFeature,
+  featureMask,
+  hasFeature,
+  MAX_MEM_REGIONS,
+  VRING_F_LOG,
+} from "../protocol/constants.js";
+import { VhostUserError } from "../protocol/errors.js";
+import {
+  decodePackedVringBase,
+  decodeSplitVringBase,
+  encodePackedVringBase,
+  encodeSplitVringBase,
+} from "../protocol/codecs.js";
+import type { MemoryRegion } from "../protocol/codecs.js";
+import { Channel } from "../channel.js";
+import type { FrontendRequestMessage as FrontendMessage } from "../protocol/framing.js";
+import { GuestMemory } from "../memory/guest-memory.js";
+import type { Region } from "../memory/guest-memory.js";
+import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
+import { mapRegion, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
+import type { DirtyLog } from "../memory/dirty-log.js";
+import { MAX_QUEUE_SIZE } from "../virtq/layout.js";
+import { Vring } from "./vring.js";
+import type { RingFormat, VringHost } from "./vring.js";
+import type { BackendQueue, DeviceContext, Logger, VhostUserDevice } from "./device.js";
+
+/** Number of memory slots reported by GET_MAX_MEM_SLOTS. */
+export const BACKEND_MAX_MEM_SLOTS = 32;
+
+/** Transport features the framework itself implements. */
+export const FRAMEWORK_FEATURES =
+  featureMask(VirtioFeature.VERSION_1) |
+  featureMask(VirtioFeature.RING_PACKED) |
+  featureMask(VirtioFeature.RING_EVENT_IDX) |
+  featureMask(VirtioFeature.RING_INDIRECT_DESC) |
+  featureMask(VirtioFeature.PROTOCOL_FEATURES) |
+  featureMask(VirtioFeature.LOG_ALL);
+
+/** Protocol features the framework itself implements. */
+export const FRAMEWORK_PROTOCOL_FEATURES =
+  featureMask(ProtocolFeature.MQ) |
+  featureMask(ProtocolFeature.LOG_SHMFD) |
+  featureMask(ProtocolFeature.REPLY_ACK) |
+  featureMask(ProtocolFeature.BACKEND_REQ) |
+  featureMask(ProtocolFeature.RESET_DEVICE) |
+  featureMask(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  featureMask(ProtocolFeature.STATUS);
+
+/** Options of a {@link BackendSession}. */
+export interface BackendSessionOptions {
+  /** name used in log lines (e.g. the socket path) */
+  name: string;
+  logger: Logger;
+}
+
+/** Counters of one session, for stats and tests. */
+export interface SessionStats {
+  requests: number;
+  failedRequests: number;
+  memoryTableUpdates: number;
+}
+
+function toNumber(value: bigint, request: string, field: string): number {
+  if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new VhostUserError("ERR_VHOST_BAD_FIELD", "value beyond 2^53", {
+      request,
+      field,
+      value,
+    });
+  }
+  return Number(value);
+}
+
+function badField(request: string, field: string, value: unknown, what: string): VhostUserError {
+  return new VhostUserError("ERR_VHOST_BAD_FIELD", what, { request, field, value });
+}
+
+/**
+ * The back-end side of one vhost-user connection.
+ *
+ * Events: `close` (the connection ended), `error` (a request failed; the connection goes on
+ * unless the error is fatal), `ready` (a ring started).
+ */
+export class BackendSession extends EventEmitter implements VringHost, DeviceContext {
+  readonly channel: Channel<"main">;
+  readonly device: VhostUserDevice;
+  readonly log: Logger;
+  readonly name: string;
+  readonly vrings: Vring[];
+  readonly stats: SessionStats = { requests: 0, failedRequests: 0, memoryTableUpdates: 0 };
+
+  #features = 0n;
+  #featuresSet = false;
+  #protocolFeatures = 0n;
+  #status = 0;
+  #owner = false;
+  #regions: Region[] = [];
+  #memory: GuestMemory | null = null;
+  #dirtyLog: DirtyLog | null = null;
+  #logFd = -1;
+  #backendChannel: Channel<"backend-req"> | null = null;
+  #closed = false;
+  #queue: Promise<void> = Promise.resolve();
+
+  /**
+   * Attach a device to a connected channel.
+   * @param channel the main channel, role back-end
+   * @param device the device to serve
+   * @param options name and logger
+   */
+  constructor(channel: Channel<"main">, device: VhostUserDevice, options: BackendSessionOptions) {
+    super();
+    this.channel = channel;
+    this.device = device;
+    this.name = options.name;
+    this.log = options.logger;
+    this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
+    channel.on("message", (msg: FrontendMessage) => {
+      // Requests are handled strictly in order: GET_VRING_BASE may wait for in-flight buffers.
+      this.#queue = this.#queue.then(() => this.#dispatch(msg));
+    });
+    channel.on("error", (err: Error) => {
+      this.log.error(`${this.name}: connection error: ${err.message}`);
+      this.emit("error", err);
+    });
+    channel.on("close", () => this.#teardown());
+    device.attach?.(this);
+  }
+
+  // --- DeviceContext ------------------------------------------------------------------
+
+  /** @returns negotiated virtio features */
+  get features(): bigint {
+    return this.#features;
+  }
+
+  /** @returns negotiated protocol features */
+  get protocolFeatures(): bigint {
+    return this.#protocolFeatures;
+  }
+
+  /** @returns the virtio device status set by SET_STATUS */
+  get status(): number {
+    return this.#status;
+  }
+
+  /**
+   * @param index queue index
+   * @returns the queue, or undefined when out of range
+   */
+  queue(index: number): BackendQueue | undefined {
+    return this.vrings[index];
+  }
+
+  /** Send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG if the BACKEND_REQ channel is up. */
+  notifyConfigChange(): void {
+    const ch = this.#backendChannel;
+    if (!ch) return;
+    try {
+      ch.send(BackendRequest.CONFIG_CHANGE_MSG, null);
+    } catch (err) {
+      this.log.warn(`${this.name}: config-change notification failed: ${(err as Error).message}`);
+    }
+  }
+
+  /** @returns the features this back-end offers in GET_FEATURES */
+  offeredFeatures(): bigint {
+    return this.device.features | FRAMEWORK_FEATURES;
+  }
+
+  /** @returns the protocol features this back-end offers */
+  offeredProtocolFeatures(): bigint {
+    let pf = FRAMEWORK_PROTOCOL_FEATURES | (this.device.protocolFeatures ?? 0n);
+    if (this.device.getConfig) pf |= featureMask(ProtocolFeature.CONFIG);
+    return pf;
+  }
+
+  // --- VringHost ----------------------------------------------------------------------
+
+  /** @returns current guest memory */
+  memory(): GuestMemory | null {
+    return this.#memory;
+  }
+
+  /** @returns the ring format from the negotiated features */
+  format(): RingFormat {
+    return {
+      packed: hasFeature(this.#features, VirtioFeature.RING_PACKED),
+      eventIdx: hasFeature(this.#features, VirtioFeature.RING_EVENT_IDX),
+      indirect: hasFeature(this.#features, VirtioFeature.RING_INDIRECT_DESC),
+    };
+  }
+
+  /**
+   * Let the device process a queue, then publish its used entries.
+   * @param vring the queue
+   */
+  process(vring: Vring): void {
+    try {
+      this.device.processQueue(vring);
+    } catch (err) {
+      vring.markBroken(`device error: ${err instanceof Error ? err.message : String(err)}`);
+      return;
+    }
+    vring.flush();
+    if (this.#logFd >= 0 && this.#dirtyLog) {
+      // SET_LOG_FD: tell the front-end the log changed. Best effort: the counter may be full.
+      native.eventfdWrite(this.#logFd, 1);
+    }
+  }
+
+  /**
+   * Forward ring state changes to the device.
+   * @param vring the queue
+   */
+  stateChanged(vring: Vring): void {
+    this.device.queueStateChanged?.(vring);
+    if (vring.started) this.emit("ring", vring);
+  }
+
+  // --- request handling ---------------------------------------------------------------
+
+  async #dispatch(msg: FrontendMessage): Promise<void> {
+    if (this.#closed) {
+      for (const fd of msg.fds) native.close(fd);
+      return;
+    }
+    this.stats.requests++;
+    try {
+      await this.#handle(msg);
+    } catch (err) {
+      this.stats.failedRequests++;
+      const error =
+        err instanceof VhostUserError
+          ? err
+          : new VhostUserError("ERR_VHOST_REQUEST_FAILED", String((err as Error)?.message ?? err), {
+              request: msg.name,
+              cause: err,
+            });
+      this.log.error(`${this.name}: ${error.message}`);
+      this.emit("error", error);
+      if (this.#closed) return;
+      if (error.fatal) {
+        this.channel.close();
+        return;
+      }
+      this.#fail(msg);
+    }
+  }
+
+  /** Answer a failed request where an answer is due. */
+  #fail(msg: FrontendMessage): void {
+    switch (msg.request) {
+      case FrontendRequest.GET_FEATURES:
+      case FrontendRequest.GET_PROTOCOL_FEATURES:
+      case FrontendRequest.GET_QUEUE_NUM:
+      case FrontendRequest.GET_MAX_MEM_SLOTS:
+      case FrontendRequest.GET_STATUS:
+        this.channel.reply(msg.request, 0n);
+        return;
+      case FrontendRequest.GET_VRING_BASE:
+        this.channel.reply(msg.request, { index: 0, num: 0 });
+        return;
+      case FrontendRequest.GET_CONFIG:
+        this.channel.reply(msg.request, {
+          offset: 0,
+          size: 0,
+          flags: 0,
+          payload: new Uint8Array(0),
+        });
+        return;
+      case FrontendRequest.SET_LOG_BASE:
+        if (hasFeature(this.#protocolFeatures, ProtocolFeature.LOG_SHMFD)) {
+          this.channel.reply(msg.request, { value: 1n, log: null });
+        } else if (msg.needReply && this.#replyAck()) {
+          this.channel.ack(msg.request, false);
+        }
+        return;
+      case FrontendRequest.SET_DEVICE_STATE_FD:
+        this.channel.reply(msg.request, { result: 1, noFd: true });
+        return;
+      case FrontendRequest.CHECK_DEVICE_STATE:
+      case FrontendRequest.IOTLB_MSG:
+      case FrontendRequest.POSTCOPY_END:
+        this.channel.reply(msg.request, 1n);
+        return;
+      default:
+        if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, false);
+    }
+  }
+
+  #replyAck(): boolean {
+    return hasFeature(this.#protocolFeatures, ProtocolFeature.REPLY_ACK);
+  }
+
+  /** Acknowledge success when the front-end asked for it. */
+  #ok(msg: FrontendMessage): void {
+    if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, true);
+  }
+
+  #vring(msg: FrontendMessage, index: number): Vring {
+    const vring = this.vrings[index];
+    if (!vring) {
+      throw badField(msg.name, "index", index, `queue index out of range (queues=${this.vrings.length})`);
+    }
+    return vring;
+  }
+
+  #requireProtocol(msg: FrontendMessage, feature: ProtocolFeature): void {
+    if (!hasFeature(this.#protocolFeatures, feature)) {
+      throw new VhostUserError("ERR_VHOST_NOT_NEGOTIATED", "protocol feature not negotiated", {
+        request: msg.name,
+        field: "protocol feature",
+        value: ProtocolFeature[feature],
+      });
+    }
+  }
+
+  async #handle(msg: FrontendMessage): Promise<void> {
+    switch (msg.request) {
+      case FrontendRequest.GET_FEATURES:
+        this.channel.reply(msg.request, this.offeredFeatures());
+        return;
+
+      case FrontendRequest.SET_FEATURES:
+        this.#setFeatures(msg, msg.payload);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.GET_PROTOCOL_FEATURES:
+        this.channel.reply(msg.request, this.offeredProtocolFeatures());
+        return;
+
+      case FrontendRequest.SET_PROTOCOL_FEATURES: {
+        const unknown = msg.payload & ~this.offeredProtocolFeatures();
+        if (unknown !== 0n) {
+          throw badField(msg.name, "protocol features", unknown, "features not offered");
+        }
+        this.#protocolFeatures = msg.payload;
+        this.channel.setNegotiatedProtocolFeatures(msg.payload);
+        this.log.info(`${this.name}: protocol features 0x${msg.payload.toString(16)}`);
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SET_OWNER:
+        this.#owner = true;
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.RESET_OWNER:
+        // Deprecated; the spec recommends disabling all rings and keeping the session.
+        for (const v of this.vrings) v.setEnabled(false);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.RESET_DEVICE:
+        this.#resetDevice();
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.SET_MEM_TABLE:
+        this.#setMemTable(msg, msg.payload.regions, msg.fds);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.GET_MAX_MEM_SLOTS:
+        this.channel.reply(msg.request, BigInt(BACKEND_MAX_MEM_SLOTS));
+        return;
+
+      case FrontendRequest.ADD_MEM_REG:
+        this.#addMemReg(msg, msg.payload, msg.fds);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.REM_MEM_REG:
+        for (const fd of msg.fds) native.close(fd);
+        this.#remMemReg(msg, msg.payload);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.SET_LOG_BASE:
+        this.#setLogBase(msg);
+        return;
+
+      case FrontendRequest.SET_LOG_FD: {
+        const fd = msg.fds[0];
+        if (this.#logFd >= 0) native.close(this.#logFd);
+        this.#logFd = fd ?? -1;
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SET_VRING_NUM: {
+        const { index, num } = msg.payload;
+        const vring = this.#vring(msg, index);
+        const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
+        const packed = this.format().packed;
+        if (num === 0 || num > max || (!packed && (num & (num - 1)) !== 0)) {
+          throw badField(
+            msg.name,
+            "num",
+            num,
+            `queue ${index}: size must be ${packed ? "1" : "a power of 2"} up to ${max}`,
+          );
+        }
+        if (vring.started) throw badField(msg.name, "index", index, "queue is running");
+        vring.size = num;
+        vring.broken = null;
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SET_VRING_ADDR: {
+        const a = msg.payload;
+        const vring = this.#vring(msg, a.index);
+        const addr = {
+          desc: toNumber(a.descUserAddr, msg.name, "desc_user_addr"),
+          avail: toNumber(a.availUserAddr, msg.name, "avail_user_addr"),
+          used: toNumber(a.usedUserAddr, msg.name, "used_user_addr"),
+          log: (a.flags & VRING_F_LOG) !== 0,
+          logGuestAddr: toNumber(a.logGuestAddr, msg.name, "log_guest_addr"),
+        };
+        const mem = this.#memory;
+        if (mem && vring.size > 0) {
+          // Check now so a bad address is reported against this request, not a later kick.
+          this.#checkRingAddresses(msg, vring, addr, mem);
+        }
+        vring.addr = addr;
+        if (vring.started) {
+          // Logging toggled during migration, or the ring moved: rebuild over the same base.
+          vring.rebuild();
+        } else {
+          vring.broken = null;
+        }
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SET_VRING_BASE: {
+        const { index, num } = msg.payload;
+        const vring = this.#vring(msg, index);
+        if (vring.started) throw badField(msg.name, "index", index, "queue is running");
+        if (this.format().packed) {
+          const b = decodePackedVringBase(num, msg.name);
+          // DPDK's virtio-user sends only the avail half (bits 0-15) and DPDK's vhost takes
+          // used = avail. Buffers in flight are done when a ring is stopped, so used = avail is
+          // the only consistent position when the used half is missing.
+          vring.base = num >>> 16 === 0 ? { ...b, usedIdx: b.availIdx, usedWrap: b.availWrap } : b;
+        } else {
+          const b = decodeSplitVringBase(num, msg.name);
+          vring.base = { availIdx: b.availIdx };
+        }
+        vring.broken = null;
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.GET_VRING_BASE: {
+        const vring = this.#vring(msg, msg.payload.index);
+        await this.#waitInFlight(vring);
+        const base = vring.stop();
+        const num = this.format().packed
+          ? encodePackedVringBase(
+              {
+                availIdx: base.availIdx,
+                availWrap: base.availWrap ?? true,
+                usedIdx: base.usedIdx ?? base.availIdx,
+                usedWrap: base.usedWrap ?? true,
+              },
+              msg.name,
+            )
+          : encodeSplitVringBase({ availIdx: base.availIdx }, msg.name);
+        this.log.debug(`${this.name}: queue ${vring.index} stopped at ${num}`);
+        this.channel.reply(msg.request, { index: vring.index, num });
+        return;
+      }
+
+      case FrontendRequest.SET_VRING_KICK:
+      case FrontendRequest.SET_VRING_CALL:
+      case FrontendRequest.SET_VRING_ERR: {
+        const { index, noFd } = msg.payload;
+        const vring = this.vrings[index];
+        if (!vring) {
+          for (const fd of msg.fds) native.close(fd);
+          throw badField(msg.name, "index", index, `queue index out of range (queues=${this.vrings.length})`);
+        }
+        const fd = noFd ? -1 : msg.fds[0]!;
+        if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
+        else if (msg.request === FrontendRequest.SET_VRING_CALL) vring.setCall(fd);
+        else vring.setErr(fd);
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.VRING_KICK: {
+        this.#requireProtocol(msg, ProtocolFeature.INBAND_NOTIFICATIONS);
+        this.#vring(msg, msg.payload.index).poke();
+        return;
+      }
+
+      case FrontendRequest.SET_VRING_ENABLE: {
+        const { index, num } = msg.payload;
+        if (!hasFeature(this.#features, VirtioFeature.PROTOCOL_FEATURES) && this.#featuresSet) {
+          throw new VhostUserError("ERR_VHOST_NOT_NEGOTIATED", "PROTOCOL_FEATURES not negotiated", {
+            request: msg.name,
+            field: "features",
+            value: this.#features,
+          });
+        }
+        if (num !== 0 && num !== 1) throw badField(msg.name, "num", num, "must be 0 or 1");
+        this.#vring(msg, index).setEnabled(num === 1);
+        this.log.debug(`${this.name}: queue ${index} ${num ? "enabled" : "disabled"}`);
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.GET_QUEUE_NUM:
+        this.channel.reply(msg.request, BigInt(this.device.queueNum ?? this.device.queueCount));
+        return;
+
+      case FrontendRequest.GET_CONFIG: {
+        this.#requireProtocol(msg, ProtocolFeature.CONFIG);
+        const { offset, size, flags } = msg.payload;
+        if (!this.device.getConfig) throw badField(msg.name, "size", size, "device has no config space");
+        const data = this.device.getConfig(offset, size);
+        this.channel.reply(msg.request, { offset, size: data.length, flags, payload: data });
+        return;
+      }
+
+      case FrontendRequest.SET_CONFIG: {
+        this.#requireProtocol(msg, ProtocolFeature.CONFIG);
+        if (!this.device.setConfig) {
+          throw badField(msg.name, "offset", msg.payload.offset, "config space is read-only");
+        }
+        this.device.setConfig(msg.payload.offset, msg.payload.payload);
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SET_STATUS:
+        this.#requireProtocol(msg, ProtocolFeature.STATUS);
+        this.#status = toNumber(msg.payload, msg.name, "status") & 0xff;
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.GET_STATUS:
+        this.#requireProtocol(msg, ProtocolFeature.STATUS);
+        this.channel.reply(msg.request, BigInt(this.#status));
+        return;
+
+      case FrontendRequest.SET_BACKEND_REQ_FD: {
+        const fd = msg.fds[0]!;
+        this.#backendChannel?.close();
+        const ch = new Channel(fd, { role: "backend", kind: "backend-req", name: `${this.name}/backend-req` });
+        ch.setNegotiatedProtocolFeatures(this.#protocolFeatures);
+        ch.on("error", (err: Error) => this.log.warn(`${this.name}: backend-req channel: ${err.message}`));
+        this.#backendChannel = ch;
+        this.#ok(msg);
+        return;
+      }
+
+      case FrontendRequest.SEND_RARP:
+        this.#requireProtocol(msg, ProtocolFeature.RARP);
+        if (!this.device.sendRarp) throw badField(msg.name, "mac", msg.payload.mac, "device cannot send RARP");
+        this.device.sendRarp(msg.payload.mac);
+        this.#ok(msg);
+        return;
+
+      case FrontendRequest.NET_SET_MTU: {
+        this.#requireProtocol(msg, ProtocolFeature.MTU);
+        const mtu = toNumber(msg.payload, msg.name, "mtu");
+        if (!this.device.setMtu) throw badField(msg.name, "mtu", mtu, "device has no MTU");
+        this.device.setMtu(mtu);
+        this.#ok(msg);
+        return;
+      }
+
+      default:
+        for (const fd of msg.fds) native.close(fd);
+        throw new VhostUserError("ERR_VHOST_REQUEST_FAILED", "request not supported by this back-end", {
+          request: msg.name,
+          field: "request",
+          value: msg.request,
+        });
+    }
+  }
+
+  #setFeatures(msg: FrontendMessage, features: bigint): void {
+    const unknown = features & ~this.offeredFeatures();
+    if (unknown !== 0n) throw badField(msg.name, "features", unknown, "features not offered");
+    const wasLogging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
+    const formatBefore = this.format();
+    this.#features = features;
+    this.#featuresSet = true;
+    const formatAfter = this.format();
+    if (formatBefore.packed !== formatAfter.packed && this.vrings.some((v) => v.started)) {
+      this.log.warn(`${this.name}: ring format changed while rings run`);
+    }
+    if (!hasFeature(features, VirtioFeature.PROTOCOL_FEATURES)) {
+      // Without PROTOCOL_FEATURES rings are enabled from the start; SET_FEATURES never disables.
+      for (const v of this.vrings) v.setEnabled(true);
+    }
+    const logging = hasFeature(features, VirtioFeature.LOG_ALL);
+    if (logging !== wasLogging) {
+      this.log.info(`${this.name}: dirty logging ${logging ? "on" : "off"}`);
+      this.#applyLog();
+    }
+    this.device.setFeatures?.(features);
+    this.log.info(`${this.name}: features 0x${features.toString(16)}`);
+  }
+
+  /** Attach the log to guest memory while LOG_ALL is negotiated, detach it otherwise. */
+  #applyLog(): void {
+    const logging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
+    if (this.#memory) this.#memory.log = logging ? this.#dirtyLog : null;
+  }
+
+  #setLogBase(msg: FrontendMessage & { request: FrontendRequest.SET_LOG_BASE }): void {
+    this.#requireProtocol(msg, ProtocolFeature.LOG_SHMFD);
+    const fd = msg.fds[0];
+    if (fd === undefined) {
+      throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no log fd", { request: msg.name, field: "fds", value: 0 });
+    }
+    let log: DirtyLog;
+    try {
+      const size = toNumber(msg.payload.mmapSize, msg.name, "mmap_size");
+      const offset = toNumber(msg.payload.mmapOffset, msg.name, "mmap_offset");
+      if (size === 0) throw badField(msg.name, "mmap_size", 0, "empty log");
+      log = mapDirtyLog(fd, offset, size);
+    } finally {
+      native.close(fd);
+    }
+    // Swap atomically: from the next write on, marks go to the new log; the old one is
+    // flushed (pending marks land in it) and unmapped.
+    const old = this.#dirtyLog;
+    this.#dirtyLog = log;
+    this.#applyLog();
+    if (old) unmapDirtyLog(old);
+    this.log.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
+    this.channel.reply(msg.request, { value: 0n, log: null });
+  }
+
+  #regionInfo(msg: FrontendMessage, r: MemoryRegion) {
+    return {
+      gpa: toGpa(toNumber(r.guestPhysAddr, msg.name, "guest_phys_addr")),
+      size: toNumber(r.memorySize, msg.name, "memory_size"),
+      uaddr: toUaddr(toNumber(r.userspaceAddr, msg.name, "userspace_addr")),
+      mmapOffset: toMmapOffset(toNumber(r.mmapOffset, msg.name, "mmap_offset")),
+    };
+  }
+
+  /** Map every region, then switch all rings to the new memory, then unmap the old. */
+  #setMemTable(msg: FrontendMessage, regions: MemoryRegion[], fds: number[]): void {
+    const mapped: Region[] = [];
+    try {
+      if (fds.length !== regions.length) {
+        throw new VhostUserError("ERR_VHOST_MISSING_FDS", "one fd per region expected", {
+          request: msg.name,
+          field: "fds",
+          value: fds.length,
+        });
+      }
+      const infos = regions.map((r) => this.#regionInfo(msg, r));
+      // Validate the layout before mapping anything (overlap, zero size, wrap-around).
+      infos.forEach((info, i) => {
+        if (info.size === 0) throw badField(msg.name, `regions[${i}].memory_size`, 0, "empty region");
+      });
+      for (let i = 0; i < infos.length; i++) mapped.push(mapRegion(fds[i]!, infos[i]!));
+      const memory = new GuestMemory(mapped);
+      this.#installMemory(mapped, memory);
+    } catch (err) {
+      for (const r of mapped) unmapRegion(r);
+      throw err instanceof VhostUserError ? err : wrapMemoryError(msg.name, err);
+    } finally {
+      for (const fd of fds) native.close(fd);
+    }
+  }
+
+  #addMemReg(msg: FrontendMessage, region: MemoryRegion, fds: number[]): void {
+    let mapped: Region | null = null;
+    try {
+      this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
+      const fd = fds[0];
+      if (fd === undefined) {
+        throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no region fd", { request: msg.name, field: "fds", value: 0 });
+      }
+      if (this.#regions.length >= BACKEND_MAX_MEM_SLOTS) {
+        throw badField(msg.name, "regions", this.#regions.length, "no free memory slot");
+      }
+      mapped = mapRegion(fd, this.#regionInfo(msg, region));
+      const regions = [...this.#regions, mapped];
+      const memory = new GuestMemory(regions);
+      this.#installMemory(regions, memory);
+    } catch (err) {
+      if (mapped) unmapRegion(mapped);
+      throw err instanceof VhostUserError ? err : wrapMemoryError(msg.name, err);
+    } finally {
+      for (const fd of fds) native.close(fd);
+    }
+  }
+
+  #remMemReg(msg: FrontendMessage, region: MemoryRegion): void {
+    this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
+    const info = this.#regionInfo(msg, region);
+    const victim = this.#regions.find(
+      (r) => r.gpa === info.gpa && r.uaddr === info.uaddr && r.size === info.size,
+    );
+    if (!victim) throw badField(msg.name, "guest_phys_addr", info.gpa, "no such region");
+    const rest = this.#regions.filter((r) => r !== victim);
+    if (rest.length === 0) {
+      this.#installMemory([], null);
+    } else {
+      this.#installMemory(rest, new GuestMemory(rest));
+    }
+  }
+
+  /**
+   * Switch to new memory. Running rings are rebuilt over it (keeping their position) before
+   * the old regions that are no longer used are unmapped.
+   */
+  #installMemory(regions: Region[], memory: GuestMemory | null): void {
+    const old = this.#regions;
+    // LIFETIME: queues hold views into the old mappings; rebuild them before unmapping.
+    this.#regions = regions;
+    this.#memory = memory;
+    this.#applyLog();
+    for (const v of this.vrings) v.rebuild();
+    for (const r of old) if (!regions.includes(r)) unmapRegion(r);
+    this.stats.memoryTableUpdates++;
+    this.log.info(
+      `${this.name}: memory table: ${regions.length} region(s), ` +
+        `${regions.reduce((s, r) => s + r.size, 0)} bytes`,
+    );
+    for (const v of this.vrings) v.poke();
+  }
+
+  #checkRingAddresses(
+    msg: FrontendMessage,
+    vring: Vring,
+    addr: { desc: number; avail: number; used: number },
+    mem: GuestMemory,
+  ): void {
+    for (const [field, value] of [
+      ["desc_user_addr", addr.desc],
+      ["avail_user_addr", addr.avail],
+      ["used_user_addr", addr.used],
+    ] as const) {
+      try {
+        mem.uaddrToGpa(toUaddr(value), 1);
+      } catch {
+        throw badField(msg.name, field, value, `queue ${vring.index}: ring address outside guest memory`);
+      }
+    }
+  }
+
+  /** Wait (bounded) until the device returned every chain it took from this ring. */
+  async #waitInFlight(vring: Vring): Promise<void> {
+    const deadline = Date.now() + 2000;
+    while ((vring.deviceQueue?.inFlight ?? 0) > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+    const left = vring.deviceQueue?.inFlight ?? 0;
+    if (left > 0) this.log.warn(`${this.name}: queue ${vring.index}: ${left} buffers still in flight at GET_VRING_BASE`);
+  }
+
+  #resetDevice(): void {
+    for (const v of this.vrings) v.reset();
+    this.#features = 0n;
+    this.#featuresSet = false;
+    this.#status = 0;
+    this.device.detach?.();
+    this.device.attach?.(this);
+  }
+
+  /** Close the connection (the device is detached and everything is released). */
+  close(): void {
+    this.channel.close();
+  }
+
+  #teardown(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    for (const v of this.vrings) v.dispose();
+    this.device.detach?.();
+    this.#backendChannel?.close();
+    this.#backendChannel = null;
+    if (this.#memory) this.#memory.log = null;
+    for (const r of this.#regions) unmapRegion(r);
+    this.#regions = [];
+    this.#memory = null;
+    if (this.#dirtyLog) unmapDirtyLog(this.#dirtyLog);
+    this.#dirtyLog = null;
+    if (this.#logFd >= 0) native.close(this.#logFd);
+    this.#logFd = -1;
+    this.log.info(`${this.name}: front-end disconnected`);
+    this.emit("close");
+  }
+
+  /** @returns true once the connection has ended */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** @returns true after SET_OWNER */
+  get owned(): boolean {
+    return this.#owner;
+  }
+}
+
+function wrapMemoryError(request: string, err: unknown): VhostUserError {
+  const e = err as Error & { field?: string; value?: unknown; code?: string };
+  return new VhostUserError("ERR_VHOST_BAD_FIELD", e.message ?? String(err), {
+    request,
+    field: e.field ?? "regions",
+    value: e.value ?? e.code,
+    cause: err,
+  });
+}
+
+export { MAX_MEM_REGIONS };

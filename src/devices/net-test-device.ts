@@ -1,0 +1,192 @@
+/**
+ * A minimal virtio-net device for tests and benchmarks: a sink that counts the frames the
+ * driver transmits, an echo that sends them back, or a source that fills every receive buffer
+ * with a frame. Queues come in pairs: 2k receives (device to driver), 2k+1 transmits.
+ */
+import { featureMask, VirtioFeature, ProtocolFeature } from "../protocol/constants.js";
+import type { BackendQueue, DeviceContext, VhostUserDevice } from "../backend/device.js";
+import type { DescChain } from "../virtq/types.js";
+
+/** virtio_net_hdr_v1 size (VIRTIO 1.2 §5.1.6: 12 bytes once VERSION_1 is negotiated). */
+export const NET_HDR_SIZE = 12;
+
+/** Most chains handled per queue per turn before yielding to the event loop. */
+const BUDGET = 512;
+
+/** What the device does with transmitted frames. */
+export type NetTestMode = "sink" | "echo" | "source";
+
+/** Options of {@link NetTestDevice}. */
+export interface NetTestDeviceOptions {
+  mode: NetTestMode;
+  /** queue pairs (default 1) */
+  queuePairs?: number;
+  /** source mode: frame length without the virtio-net header (default 64) */
+  frameLength?: number;
+  /** source mode: stop after this many frames (default: never) */
+  frameLimit?: number;
+  /** largest queue size (default 1024) */
+  maxQueueSize?: number;
+  /** keep a copy of every received frame (tests only; default false) */
+  keepFrames?: boolean;
+}
+
+/** Counters per queue pair. */
+export interface NetTestCounters {
+  rxPackets: number;
+  rxBytes: number;
+  txPackets: number;
+  txBytes: number;
+  /** frames dropped because the ring was started but disabled, or no RX buffer was free */
+  dropped: number;
+}
+
+/**
+ * The test device. Counters are per queue pair; `frames` holds copies when `keepFrames` is set.
+ */
+export class NetTestDevice implements VhostUserDevice {
+  readonly deviceId = 1;
+  readonly features: bigint;
+  readonly protocolFeatures = featureMask(ProtocolFeature.MQ);
+  readonly queueCount: number;
+  readonly queueNum: number;
+  readonly maxQueueSize: number;
+  readonly mode: NetTestMode;
+  readonly counters: NetTestCounters[];
+  readonly frames: Uint8Array[] = [];
+  #ctx: DeviceContext | null = null;
+  #frame: Uint8Array;
+  #frameLimit: number;
+  #keep: boolean;
+  #pending: Uint8Array[][];
+  #scheduled = new Set<number>();
+
+  /**
+   * @param options mode, queue pairs, frame length
+   */
+  constructor(options: NetTestDeviceOptions) {
+    const pairs = options.queuePairs ?? 1;
+    this.mode = options.mode;
+    this.queueCount = pairs * 2;
+    this.queueNum = pairs;
+    this.maxQueueSize = options.maxQueueSize ?? 1024;
+    this.features =
+      featureMask(VirtioFeature.MAC) |
+      featureMask(VirtioFeature.STATUS) |
+      (pairs > 1 ? featureMask(VirtioFeature.NET_MQ) | featureMask(VirtioFeature.CTRL_VQ) : 0n);
+    this.counters = Array.from({ length: pairs }, () => ({
+      rxPackets: 0,
+      rxBytes: 0,
+      txPackets: 0,
+      txBytes: 0,
+      dropped: 0,
+    }));
+    this.#pending = Array.from({ length: pairs }, () => []);
+    const len = options.frameLength ?? 64;
+    this.#frame = new Uint8Array(NET_HDR_SIZE + len);
+    // Ethernet broadcast frame from a locally administered MAC, payload of a counting pattern.
+    this.#frame.set([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5], NET_HDR_SIZE);
+    for (let i = NET_HDR_SIZE + 14; i < this.#frame.length; i++) this.#frame[i] = i & 0xff;
+    this.#frameLimit = options.frameLimit ?? Infinity;
+    this.#keep = options.keepFrames ?? false;
+  }
+
+  /** @inheritdoc */
+  attach(ctx: DeviceContext): void {
+    this.#ctx = ctx;
+  }
+
+  /** @inheritdoc */
+  detach(): void {
+    this.#ctx = null;
+    for (const p of this.#pending) p.length = 0;
+  }
+
+  /** @returns total frames received from the driver (all pairs) */
+  get totalTx(): number {
+    return this.counters.reduce((s, c) => s + c.txPackets, 0);
+  }
+
+  /** @returns total frames delivered to the driver (all pairs) */
+  get totalRx(): number {
+    return this.counters.reduce((s, c) => s + c.rxPackets, 0);
+  }
+
+  /** @inheritdoc */
+  processQueue(queue: BackendQueue): void {
+    const pair = queue.index >> 1;
+    if (queue.index & 1) this.#transmit(queue, pair);
+    else this.#receive(queue, pair);
+  }
+
+  /** Driver transmitted: count, and echo or drop. */
+  #transmit(queue: BackendQueue, pair: number): void {
+    const c = this.counters[pair]!;
+    let budget = BUDGET;
+    let chain: DescChain | null;
+    while (budget-- > 0 && (chain = queue.pop()) !== null) {
+      const len = chain.readableLength - NET_HDR_SIZE;
+      if (!queue.enabled) {
+        c.dropped++;
+      } else {
+        c.txPackets++;
+        c.txBytes += len;
+        if (this.mode === "echo" || this.#keep) {
+          const copy = new Uint8Array(chain.readableLength);
+          queue.read(chain, copy);
+          if (this.#keep) this.frames.push(copy.subarray(NET_HDR_SIZE));
+          if (this.mode === "echo") this.#pending[pair]!.push(copy);
+        }
+      }
+      queue.pushUsed(chain, 0);
+    }
+    if (budget < 0) this.#reschedule(queue);
+    if (this.mode === "echo") {
+      const rx = this.#ctx?.queue(pair * 2);
+      if (rx?.started) {
+        this.#receive(rx, pair);
+        rx.flush();
+      }
+    }
+  }
+
+  /** Fill receive buffers: echoed frames, or generated frames in source mode. */
+  #receive(queue: BackendQueue, pair: number): void {
+    if (!queue.enabled) return; // started but disabled: fill no RX buffer
+    const c = this.counters[pair]!;
+    const pending = this.#pending[pair]!;
+    let budget = BUDGET;
+    while (budget-- > 0) {
+      let frame: Uint8Array | undefined;
+      if (this.mode === "source") {
+        if (c.rxPackets >= this.#frameLimit) return;
+        frame = this.#frame;
+      } else {
+        frame = pending[0];
+        if (!frame) return;
+      }
+      const chain = queue.pop();
+      if (!chain) return;
+      const written = queue.write(chain, frame);
+      queue.pushUsed(chain, written);
+      if (this.mode !== "source") pending.shift();
+      c.rxPackets++;
+      c.rxBytes += written - NET_HDR_SIZE;
+    }
+    this.#reschedule(queue);
+  }
+
+  /** More work is left: come back after other events had their turn. */
+  #reschedule(queue: BackendQueue): void {
+    if (this.#scheduled.has(queue.index)) return;
+    this.#scheduled.add(queue.index);
+    setImmediate(() => {
+      this.#scheduled.delete(queue.index);
+      const q = this.#ctx?.queue(queue.index);
+      if (q?.started) {
+        this.processQueue(q);
+        q.flush();
+      }
+    });
+  }
+}
