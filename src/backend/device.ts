@@ -113,4 +113,21 @@ export interface VhostUserDevice {
   sendRarp?(mac: Uint8Array): void;
   /** NET_SET_MTU. */
   setMtu?(mtu: number): void;
+
+  /**
+   * Serialise the device's internal state for a migration (SET_DEVICE_STATE_FD, SAVE). Called
+   * while the device is suspended (all rings stopped). Must not change the device: if the
+   * migration fails, the source device resumes as it was.
+   * vhost-user: "Migrating back-end state".
+   */
+  saveState?(): Uint8Array | Promise<Uint8Array>;
+  /**
+   * Load a state produced by {@link saveState} on the source (SET_DEVICE_STATE_FD, LOAD). The
+   * data is untrusted: validate all of it first and change nothing when it is invalid (throw).
+   */
+  loadState?(data: Uint8Array): void | Promise<void>;
+  /** Dirty logging started (VHOST_F_LOG_ALL set): a migration is beginning; prepare for it. */
+  prepareMigration?(): void;
+  /** Dirty logging stopped before the device state was saved: the migration was cancelled. */
+  cancelMigration?(): void;
 }

@@ -105,7 +105,9 @@ export class BackendServer extends EventEmitter {
       fd = native.unixConnect(this.path);
     } catch (err) {
       const e = err as Error & { code?: string };
-      this.log.debug(`${this.path}: connect failed (${e.code ?? e.message}); retry in ${this.#delay} ms`);
+      this.log.debug(
+        `${this.path}: connect failed (${e.code ?? e.message}); retry in ${this.#delay} ms`,
+      );
       this.#retryTimer = setTimeout(() => this.#connect(), this.#delay);
       this.#delay = Math.min(this.#delay * 2, this.#delays.max);
       return;

@@ -22,6 +22,7 @@ import {
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
 import {
+  checkDeviceStateParams,
   decodePackedVringBase,
   decodeSplitVringBase,
   encodePackedVringBase,
@@ -36,6 +37,8 @@ import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../m
 import { mapRegion, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
 import { MAX_QUEUE_SIZE } from "../virtq/layout.js";
+import { DeviceStateDirection } from "../protocol/constants.js";
+import { readAllFromFd, writeAllToFd } from "./state-pipe.js";
 import { Vring } from "./vring.js";
 import type { RingFormat, VringHost } from "./vring.js";
 import type { BackendQueue, DeviceContext, Logger, VhostUserDevice } from "./device.js";
@@ -67,6 +70,22 @@ export interface BackendSessionOptions {
   /** name used in log lines (e.g. the socket path) */
   name: string;
   logger: Logger;
+  /**
+   * SET_DEVICE_STATE_FD: use the back-end's own pipe and return its fd in the reply
+   * (default false: use the front-end's fd).
+   */
+  ownStateChannel?: boolean;
+  /** Largest device state accepted on LOAD (default 64 MiB). */
+  maxStateBytes?: number;
+}
+
+/** Outcome of the last device-state transfer, for CHECK_DEVICE_STATE. */
+interface StateTransfer {
+  direction: DeviceStateDirection;
+  done: Promise<void>;
+  error: Error | null;
+  bytes: number;
+  settled: boolean;
 }
 
 /** Counters of one session, for stats and tests. */
@@ -117,6 +136,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #backendChannel: Channel<"backend-req"> | null = null;
   #closed = false;
   #queue: Promise<void> = Promise.resolve();
+  #transfer: StateTransfer | null = null;
+  #migrating = false;
+  readonly #ownStateChannel: boolean;
+  readonly #maxStateBytes: number;
 
   /**
    * Attach a device to a connected channel.
@@ -130,6 +153,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.device = device;
     this.name = options.name;
     this.log = options.logger;
+    this.#ownStateChannel = options.ownStateChannel ?? false;
+    this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
     this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
     channel.on("message", (msg: FrontendMessage) => {
       // Requests are handled strictly in order: GET_VRING_BASE may wait for in-flight buffers.
@@ -188,6 +213,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   offeredProtocolFeatures(): bigint {
     let pf = FRAMEWORK_PROTOCOL_FEATURES | (this.device.protocolFeatures ?? 0n);
     if (this.device.getConfig) pf |= featureMask(ProtocolFeature.CONFIG);
+    if (this.device.saveState && this.device.loadState) {
+      pf |= featureMask(ProtocolFeature.DEVICE_STATE);
+    }
     return pf;
   }
 
@@ -317,7 +345,12 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #vring(msg: FrontendMessage, index: number): Vring {
     const vring = this.vrings[index];
     if (!vring) {
-      throw badField(msg.name, "index", index, `queue index out of range (queues=${this.vrings.length})`);
+      throw badField(
+        msg.name,
+        "index",
+        index,
+        `queue index out of range (queues=${this.vrings.length})`,
+      );
     }
     return vring;
   }
@@ -499,7 +532,12 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         const vring = this.vrings[index];
         if (!vring) {
           for (const fd of msg.fds) native.close(fd);
-          throw badField(msg.name, "index", index, `queue index out of range (queues=${this.vrings.length})`);
+          throw badField(
+            msg.name,
+            "index",
+            index,
+            `queue index out of range (queues=${this.vrings.length})`,
+          );
         }
         const fd = noFd ? -1 : msg.fds[0]!;
         if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
@@ -538,7 +576,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       case FrontendRequest.GET_CONFIG: {
         this.#requireProtocol(msg, ProtocolFeature.CONFIG);
         const { offset, size, flags } = msg.payload;
-        if (!this.device.getConfig) throw badField(msg.name, "size", size, "device has no config space");
+        if (!this.device.getConfig)
+          throw badField(msg.name, "size", size, "device has no config space");
         const data = this.device.getConfig(offset, size);
         this.channel.reply(msg.request, { offset, size: data.length, flags, payload: data });
         return;
@@ -568,9 +607,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       case FrontendRequest.SET_BACKEND_REQ_FD: {
         const fd = msg.fds[0]!;
         this.#backendChannel?.close();
-        const ch = new Channel(fd, { role: "backend", kind: "backend-req", name: `${this.name}/backend-req` });
+        const ch = new Channel(fd, {
+          role: "backend",
+          kind: "backend-req",
+          name: `${this.name}/backend-req`,
+        });
         ch.setNegotiatedProtocolFeatures(this.#protocolFeatures);
-        ch.on("error", (err: Error) => this.log.warn(`${this.name}: backend-req channel: ${err.message}`));
+        ch.on("error", (err: Error) =>
+          this.log.warn(`${this.name}: backend-req channel: ${err.message}`),
+        );
         this.#backendChannel = ch;
         this.#ok(msg);
         return;
@@ -578,7 +623,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
 
       case FrontendRequest.SEND_RARP:
         this.#requireProtocol(msg, ProtocolFeature.RARP);
-        if (!this.device.sendRarp) throw badField(msg.name, "mac", msg.payload.mac, "device cannot send RARP");
+        if (!this.device.sendRarp)
+          throw badField(msg.name, "mac", msg.payload.mac, "device cannot send RARP");
         this.device.sendRarp(msg.payload.mac);
         this.#ok(msg);
         return;
@@ -592,13 +638,25 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         return;
       }
 
+      case FrontendRequest.SET_DEVICE_STATE_FD:
+        this.#setDeviceStateFd(msg);
+        return;
+
+      case FrontendRequest.CHECK_DEVICE_STATE:
+        await this.#checkDeviceState(msg);
+        return;
+
       default:
         for (const fd of msg.fds) native.close(fd);
-        throw new VhostUserError("ERR_VHOST_REQUEST_FAILED", "request not supported by this back-end", {
-          request: msg.name,
-          field: "request",
-          value: msg.request,
-        });
+        throw new VhostUserError(
+          "ERR_VHOST_REQUEST_FAILED",
+          "request not supported by this back-end",
+          {
+            request: msg.name,
+            field: "request",
+            value: msg.request,
+          },
+        );
     }
   }
 
@@ -621,6 +679,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     if (logging !== wasLogging) {
       this.log.info(`${this.name}: dirty logging ${logging ? "on" : "off"}`);
       this.#applyLog();
+      // The start of logging is the hint that a migration begins; its end without a saved
+      // state means the migration was cancelled (vhost-user: "Migrating back-end state").
+      if (logging) {
+        this.#migrating = true;
+        this.device.prepareMigration?.();
+      } else if (this.#migrating) {
+        this.#migrating = false;
+        this.device.cancelMigration?.();
+      }
     }
     this.device.setFeatures?.(features);
     this.log.info(`${this.name}: features 0x${features.toString(16)}`);
@@ -636,7 +703,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#requireProtocol(msg, ProtocolFeature.LOG_SHMFD);
     const fd = msg.fds[0];
     if (fd === undefined) {
-      throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no log fd", { request: msg.name, field: "fds", value: 0 });
+      throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no log fd", {
+        request: msg.name,
+        field: "fds",
+        value: 0,
+      });
     }
     let log: DirtyLog;
     try {
@@ -680,7 +751,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       const infos = regions.map((r) => this.#regionInfo(msg, r));
       // Validate the layout before mapping anything (overlap, zero size, wrap-around).
       infos.forEach((info, i) => {
-        if (info.size === 0) throw badField(msg.name, `regions[${i}].memory_size`, 0, "empty region");
+        if (info.size === 0)
+          throw badField(msg.name, `regions[${i}].memory_size`, 0, "empty region");
       });
       for (let i = 0; i < infos.length; i++) mapped.push(mapRegion(fds[i]!, infos[i]!));
       const memory = new GuestMemory(mapped);
@@ -699,7 +771,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
       const fd = fds[0];
       if (fd === undefined) {
-        throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no region fd", { request: msg.name, field: "fds", value: 0 });
+        throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no region fd", {
+          request: msg.name,
+          field: "fds",
+          value: 0,
+        });
       }
       if (this.#regions.length >= BACKEND_MAX_MEM_SLOTS) {
         throw badField(msg.name, "regions", this.#regions.length, "no free memory slot");
@@ -765,9 +841,151 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       try {
         mem.uaddrToGpa(toUaddr(value), 1);
       } catch {
-        throw badField(msg.name, field, value, `queue ${vring.index}: ring address outside guest memory`);
+        throw badField(
+          msg.name,
+          field,
+          value,
+          `queue ${vring.index}: ring address outside guest memory`,
+        );
       }
     }
+  }
+
+  /**
+   * SET_DEVICE_STATE_FD: reply first, then stream the state in the background, so a
+   * front-end that reads (or writes) the pipe synchronously after the reply never deadlocks,
+   * whatever the size of the state. vhost-user: "Migrating back-end state".
+   */
+  #setDeviceStateFd(msg: FrontendMessage & { request: FrontendRequest.SET_DEVICE_STATE_FD }): void {
+    const frontFd = msg.fds[0];
+    try {
+      this.#requireProtocol(msg, ProtocolFeature.DEVICE_STATE);
+      if (frontFd === undefined) {
+        throw new VhostUserError("ERR_VHOST_MISSING_FDS", "no transfer fd", {
+          request: msg.name,
+          field: "fds",
+          value: 0,
+        });
+      }
+      checkDeviceStateParams(msg.payload, msg.name);
+      const running = this.vrings.filter((v) => v.started).map((v) => v.index);
+      if (running.length > 0) {
+        throw badField(
+          msg.name,
+          "phase",
+          msg.payload.phase,
+          `device not suspended: rings ${running.join(",")} are running`,
+        );
+      }
+      if (this.#transfer && this.#transfer.error === null && !this.#transfer.settled) {
+        throw badField(
+          msg.name,
+          "direction",
+          msg.payload.direction,
+          "a state transfer is already running",
+        );
+      }
+    } catch (err) {
+      if (frontFd !== undefined) native.close(frontFd);
+      throw err;
+    }
+    const direction = msg.payload.direction as DeviceStateDirection;
+    // Our end of the channel: the front-end's fd, or one end of our own pipe whose other end
+    // goes back in the reply (the reply dups it; we close our copy after sending).
+    let fd = frontFd;
+    let replyFd: number | null = null;
+    if (this.#ownStateChannel) {
+      native.close(frontFd);
+      const [r, w] = native.pipe(true);
+      if (direction === DeviceStateDirection.SAVE) {
+        fd = w;
+        replyFd = r;
+      } else {
+        fd = r;
+        replyFd = w;
+      }
+    } else {
+      native.setNonBlocking(fd, true);
+    }
+    const transfer: StateTransfer = {
+      direction,
+      done: Promise.resolve(),
+      error: null,
+      bytes: 0,
+      settled: false,
+    };
+    this.#transfer = transfer;
+    this.#migrating = false;
+    if (replyFd !== null) {
+      this.channel.reply(msg.request, { result: 0, noFd: false }, [replyFd]);
+      native.close(replyFd);
+    } else {
+      this.channel.reply(msg.request, { result: 0, noFd: true });
+    }
+    transfer.done = (
+      direction === DeviceStateDirection.SAVE
+        ? this.#saveTo(fd, transfer)
+        : this.#loadFrom(fd, transfer)
+    ).then(
+      () => {
+        transfer.settled = true;
+        this.log.info(
+          `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
+        );
+      },
+      (err: Error) => {
+        transfer.settled = true;
+        transfer.error = err;
+        this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
+      },
+    );
+  }
+
+  async #saveTo(fd: number, transfer: StateTransfer): Promise<void> {
+    let data: Uint8Array;
+    try {
+      if (!this.device.saveState) throw new Error("device cannot save its state");
+      data = await this.device.saveState();
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+    transfer.bytes = data.length;
+    await writeAllToFd(fd, data);
+  }
+
+  async #loadFrom(fd: number, transfer: StateTransfer): Promise<void> {
+    const data = await readAllFromFd(fd, { maxBytes: this.#maxStateBytes });
+    transfer.bytes = data.length;
+    if (!this.device.loadState) throw new Error("device cannot load a state");
+    await this.device.loadState(data);
+  }
+
+  /** CHECK_DEVICE_STATE: wait for the transfer and report whether it completed. */
+  async #checkDeviceState(
+    msg: FrontendMessage & { request: FrontendRequest.CHECK_DEVICE_STATE },
+  ): Promise<void> {
+    this.#requireProtocol(msg, ProtocolFeature.DEVICE_STATE);
+    const transfer = this.#transfer;
+    if (!transfer)
+      throw badField(msg.name, "transfer", "none", "no device state transfer was started");
+    await transfer.done;
+    this.#transfer = null;
+    if (transfer.error) {
+      this.channel.reply(msg.request, 1n);
+      this.stats.failedRequests++;
+      this.emit(
+        "error",
+        new VhostUserError("ERR_VHOST_REQUEST_FAILED", transfer.error.message, {
+          request: msg.name,
+          field: "direction",
+          value: transfer.direction,
+          cause: transfer.error,
+        }),
+      );
+      return;
+    }
+    this.channel.reply(msg.request, 0n);
   }
 
   /** Wait (bounded) until the device returned every chain it took from this ring. */
@@ -777,7 +995,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
     const left = vring.deviceQueue?.inFlight ?? 0;
-    if (left > 0) this.log.warn(`${this.name}: queue ${vring.index}: ${left} buffers still in flight at GET_VRING_BASE`);
+    if (left > 0)
+      this.log.warn(
+        `${this.name}: queue ${vring.index}: ${left} buffers still in flight at GET_VRING_BASE`,
+      );
   }
 
   #resetDevice(): void {

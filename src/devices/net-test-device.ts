@@ -85,7 +85,10 @@ export class NetTestDevice implements VhostUserDevice {
     const len = options.frameLength ?? 64;
     this.#frame = new Uint8Array(NET_HDR_SIZE + len);
     // Ethernet broadcast frame from a locally administered MAC, payload of a counting pattern.
-    this.#frame.set([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5], NET_HDR_SIZE);
+    this.#frame.set(
+      [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5],
+      NET_HDR_SIZE,
+    );
     for (let i = NET_HDR_SIZE + 14; i < this.#frame.length; i++) this.#frame[i] = i & 0xff;
     this.#frameLimit = options.frameLimit ?? Infinity;
     this.#keep = options.keepFrames ?? false;
