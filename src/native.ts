@@ -104,7 +104,13 @@ export interface NativeBinding {
    * sendmsg(fd, data[offset, offset+length), SCM_RIGHTS fds (at most 8), MSG_NOSIGNAL).
    * Returns bytes sent, or `null` on EAGAIN (nothing was sent, fds included).
    */
-  sendmsg(fd: number, data: Uint8Array, offset: number, length: number, fds: number[]): number | null;
+  sendmsg(
+    fd: number,
+    data: Uint8Array,
+    offset: number,
+    length: number,
+    fds: number[],
+  ): number | null;
   /**
    * recvmsg(fd, into buffer[offset, offset+length), MSG_CMSG_CLOEXEC), accepting up to 8 fds.
    * Returns `null` on EAGAIN.
