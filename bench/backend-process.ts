@@ -1,0 +1,52 @@
+/**
+ * A vhostkit back-end in its own process for benchmarks: serves a NetTestDevice on a socket
+ * and answers `stats` on stdin with one JSON line of counters. Prints `listening` when ready.
+ *
+ * usage: node dist/bench/backend-process.js --socket PATH --mode sink|source|echo
+ *        [--frame-len N] [--queue-pairs N]
+ */
+import { createInterface } from "node:readline";
+import { serveBackend } from "../src/backend/server.js";
+import { NetTestDevice } from "../src/devices/net-test-device.js";
+import type { NetTestMode } from "../src/devices/net-test-device.js";
+
+function arg(name: string, fallback?: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  const v = i >= 0 ? process.argv[i + 1] : fallback;
+  if (v === undefined) throw new Error(`backend-process: --${name} is required`);
+  return v;
+}
+
+const device = new NetTestDevice({
+  mode: arg("mode", "sink") as NetTestMode,
+  frameLength: Number(arg("frame-len", "64")),
+  queuePairs: Number(arg("queue-pairs", "1")),
+});
+const server = serveBackend(device, { path: arg("socket") });
+process.stdout.write("listening\n");
+const rl = createInterface({ input: process.stdin });
+rl.on("line", (line) => {
+  if (line.trim() === "stats") {
+    const c = device.counters.reduce(
+      (a, x) => ({
+        // The device's TX queue is the driver's transmit: what the back-end receives.
+        rxPackets: a.rxPackets + x.txPackets,
+        rxBytes: a.rxBytes + x.txBytes,
+        txPackets: a.txPackets + x.rxPackets,
+        txBytes: a.txBytes + x.rxBytes,
+      }),
+      { rxPackets: 0, rxBytes: 0, txPackets: 0, txBytes: 0 },
+    );
+    process.stdout.write(`${JSON.stringify(c)}\n`);
+  }
+});
+rl.on("close", () => {
+  server.close();
+  process.exit(0);
+});
+for (const sig of ["SIGINT", "SIGTERM"] as const) {
+  process.on(sig, () => {
+    server.close();
+    process.exit(0);
+  });
+}
