@@ -8,6 +8,7 @@
         "native/vk_fd.c",
         "native/vk_mmap.c",
         "native/vk_socket.c",
+        "native/vk_tap.c",
         "native/vk_watcher.c"
       ],
       "cflags": ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"],

@@ -3,7 +3,9 @@
  * and answers `stats` on stdin with one JSON line of counters. Prints `listening` when ready.
  *
  * usage: node dist/bench/backend-process.js --socket PATH --mode sink|source|echo
- *        [--frame-len N] [--queue-pairs N]
+ *        [--frame-len N] [--queue-pairs N] [--worker] [--poll-turns N]
+ *
+ * `--worker`: the data queues run in worker threads (NetTestDevice `workerQueues`).
  */
 import { createInterface } from "node:readline";
 import { serveBackend } from "../src/backend/server.js";
@@ -21,8 +23,13 @@ const device = new NetTestDevice({
   mode: arg("mode", "sink") as NetTestMode,
   frameLength: Number(arg("frame-len", "64")),
   queuePairs: Number(arg("queue-pairs", "1")),
+  workerQueues: process.argv.includes("--worker"),
 });
-const server = serveBackend(device, { path: arg("socket") });
+const pollTurns = process.argv.includes("--poll-turns") ? Number(arg("poll-turns")) : undefined;
+const server = serveBackend(device, {
+  path: arg("socket"),
+  ...(pollTurns !== undefined ? { pollTurns } : {}),
+});
 process.stdout.write("listening\n");
 const rl = createInterface({ input: process.stdin });
 rl.on("line", (line) => {

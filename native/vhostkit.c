@@ -70,7 +70,8 @@ static napi_value Init(napi_env env, napi_value exports) {
     return vk_napi_failed(env, "vhostkit init");
   }
   if (!vk_register_fd(env, exports) || !vk_register_mmap(env, exports) ||
-      !vk_register_socket(env, exports) || !vk_register_watcher(env, exports)) {
+      !vk_register_socket(env, exports) || !vk_register_watcher(env, exports) ||
+      !vk_register_tap(env, exports)) {
     return vk_napi_failed(env, "vhostkit init");
   }
   return exports;

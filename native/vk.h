@@ -143,6 +143,7 @@ bool vk_register_fd(napi_env env, napi_value exports);
 bool vk_register_mmap(napi_env env, napi_value exports);
 bool vk_register_socket(napi_env env, napi_value exports);
 bool vk_register_watcher(napi_env env, napi_value exports);
+bool vk_register_tap(napi_env env, napi_value exports);
 
 /* ---- teardown hooks ---- */
 /** Unmap every live mapping (the environment is gone; no JS can reach them any more). */

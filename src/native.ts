@@ -120,6 +120,25 @@ export interface NativeBinding {
   shutdown(fd: number): void;
   /** Readiness watcher class. */
   FdWatcher: FdWatcherConstructor;
+  /**
+   * open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC) + ioctl(TUNSETIFF, IFF_TAP |
+   * IFF_NO_PI): attach to the TAP interface `name` (1..15 bytes), creating it when missing.
+   * With `vnetHdr` (default false): IFF_VNET_HDR, TUNSETVNETHDRSZ 12 and TUNSETOFFLOAD
+   * (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN), so every frame read or written
+   * starts with a 12-byte virtio-net header. Frames are then read and written whole with
+   * {@link read} / {@link write}.
+   */
+  tapOpen(name: string, vnetHdr?: boolean): TapOpenResult;
+}
+
+/** Result of {@link NativeBinding.tapOpen}. */
+export interface TapOpenResult {
+  /** the non-blocking TAP fd (O_CLOEXEC) */
+  fd: number;
+  /** the interface name the kernel attached to */
+  name: string;
+  /** frames carry a 12-byte virtio-net header */
+  vnetHdr: boolean;
 }
 
 function load(): NativeBinding {

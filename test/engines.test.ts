@@ -305,6 +305,14 @@ test("engines: every request the back-end handles", async () => {
 
     // a buffer in a region added later reaches the device
     await p.fe.addMemRegion(extra, 0);
+    // the identical region again (QEMU 7.2 sends it once per queue pair) is a no-op
+    const regionsBefore = p.session.stats.memoryTableUpdates;
+    await p.fe.addMemRegion(extra, 0);
+    assert.equal(
+      p.session.stats.memoryTableUpdates,
+      regionsBefore,
+      "duplicate ADD_MEM_REG remaps nothing",
+    );
     const g = extra.alloc(256);
     const fx = frame(4242, 100);
     const hdrAndFrame = new Uint8Array(12 + fx.length);

@@ -62,6 +62,24 @@ export interface BackendQueue {
   readonly memory: GuestMemory;
 }
 
+/**
+ * A queue the device wants processed in a worker thread (see `VhostUserDevice.workerQueue`).
+ * The worker maps the same guest memory, watches the kick fd itself and calls the handler
+ * module's `createQueueHandler` export (see `src/backend/worker-queue.ts`).
+ */
+export interface WorkerQueueSpec {
+  /** URL (file: or absolute path) of an ES module exporting `createQueueHandler` */
+  readonly module: string;
+  /** structured-cloneable options given to `createQueueHandler` */
+  readonly options?: unknown;
+  /**
+   * Counters shared with the worker (a Float64Array over a SharedArrayBuffer). The handler in
+   * the worker is the only writer; the device reads them (aligned 8-byte loads, never torn on
+   * x86-64 and AArch64). They outlive the worker, so counts survive ring stop and restart.
+   */
+  readonly counters?: Float64Array;
+}
+
 /** Events and context the framework gives to a device. */
 export interface DeviceContext {
   /** the application's logger, prefixed with the connection name */
@@ -90,6 +108,18 @@ export interface VhostUserDevice {
   readonly maxQueueSize: number;
   /** value of GET_QUEUE_NUM (defaults to queueCount; net devices report queue pairs) */
   readonly queueNum?: number;
+
+  /**
+   * Run this queue in a worker thread instead of calling {@link processQueue} for it: return
+   * the handler module, or null to process the queue on the main thread. Asked each time the
+   * ring starts. Only asked when {@link hasWorkerQueues} is true.
+   */
+  workerQueue?(index: number): WorkerQueueSpec | null;
+  /**
+   * True when {@link workerQueue} may return a spec. The back-end then offers neither
+   * VHOST_F_LOG_ALL nor the LOG_SHMFD protocol feature (worker queues do not mark the log).
+   */
+  readonly hasWorkerQueues?: boolean;
 
   /** A front-end connected (the device is set up again from scratch). */
   attach?(ctx: DeviceContext): void;

@@ -24,6 +24,15 @@ export interface ServeOptions {
   reconnectDelayMs?: { min: number; max: number };
   /** server mode: remove a stale socket file at `path` first (default true) */
   unlinkStale?: boolean;
+  /**
+   * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
+   * after the last turn that found work; 0 (the default) disables it.
+   */
+  pollTurns?: number;
+  /** offer the back-end's own fd for device-state transfers (SET_DEVICE_STATE_FD reply) */
+  ownStateChannel?: boolean;
+  /** largest device state accepted on LOAD (bytes; default 64 MiB) */
+  maxStateBytes?: number;
 }
 
 /**
@@ -43,6 +52,9 @@ export class BackendServer extends EventEmitter {
   #retryTimer: NodeJS.Timeout | null = null;
   #delay: number;
   readonly #delays: { min: number; max: number };
+  readonly #pollTurns: number | undefined;
+  readonly #ownStateChannel: boolean | undefined;
+  readonly #maxStateBytes: number | undefined;
 
   /**
    * @param device the device to serve
@@ -55,6 +67,9 @@ export class BackendServer extends EventEmitter {
     this.client = options.client ?? false;
     this.log = options.logger ?? silentLogger;
     this.#delays = options.reconnectDelayMs ?? { min: 50, max: 2000 };
+    this.#pollTurns = options.pollTurns;
+    this.#ownStateChannel = options.ownStateChannel;
+    this.#maxStateBytes = options.maxStateBytes;
     this.#delay = this.#delays.min;
     if (this.client) {
       this.#connect();
@@ -119,10 +134,18 @@ export class BackendServer extends EventEmitter {
 
   #startSession(fd: number): void {
     const channel = new Channel(fd, { role: "backend", kind: "main", name: this.path });
-    const session = new BackendSession(channel, this.device, { name: this.path, logger: this.log });
+    const session = new BackendSession(channel, this.device, {
+      name: this.path,
+      logger: this.log,
+      ...(this.#pollTurns !== undefined ? { pollTurns: this.#pollTurns } : {}),
+      ...(this.#ownStateChannel !== undefined ? { ownStateChannel: this.#ownStateChannel } : {}),
+      ...(this.#maxStateBytes !== undefined ? { maxStateBytes: this.#maxStateBytes } : {}),
+    });
     this.#session = session;
     this.log.info(`${this.path}: front-end connected`);
-    session.on("error", (err: Error) => this.emit("error", err));
+    session.on("error", (err: Error) => {
+      if (this.listenerCount("error") > 0) this.emit("error", err);
+    });
     session.on("close", () => {
       if (this.#session === session) this.#session = null;
       this.emit("disconnect", session);

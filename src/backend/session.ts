@@ -38,10 +38,17 @@ import { mapRegion, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/ma
 import type { DirtyLog } from "../memory/dirty-log.js";
 import { MAX_QUEUE_SIZE } from "../virtq/layout.js";
 import { DeviceStateDirection } from "../protocol/constants.js";
-import { readAllFromFd, writeAllToFd } from "./state-pipe.js";
+import { readStateFromFd, writeStateToFd } from "../migration/transfer.js";
 import { Vring } from "./vring.js";
 import type { RingFormat, VringHost } from "./vring.js";
-import type { BackendQueue, DeviceContext, Logger, VhostUserDevice } from "./device.js";
+import type {
+  BackendQueue,
+  DeviceContext,
+  Logger,
+  VhostUserDevice,
+  WorkerQueueSpec,
+} from "./device.js";
+import type { WorkerRegionInit } from "./worker-queue.js";
 
 /** Number of memory slots reported by GET_MAX_MEM_SLOTS. */
 export const BACKEND_MAX_MEM_SLOTS = 32;
@@ -77,6 +84,12 @@ export interface BackendSessionOptions {
   ownStateChannel?: boolean;
   /** Largest device state accepted on LOAD (default 64 MiB). */
   maxStateBytes?: number;
+  /**
+   * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
+   * after the last turn that found work; 0 (the default) disables it; `SPIN_IDLE_TURNS` (vring.ts)
+   * is a suggested value.
+   */
+  pollTurns?: number;
 }
 
 /** Outcome of the last device-state transfer, for CHECK_DEVICE_STATE. */
@@ -130,6 +143,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #status = 0;
   #owner = false;
   #regions: Region[] = [];
+  /** the fd of each mapped region, kept open so worker rings can map the region too */
+  readonly #regionFds = new Map<Region, number>();
   #memory: GuestMemory | null = null;
   #dirtyLog: DirtyLog | null = null;
   #logFd = -1;
@@ -140,6 +155,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #migrating = false;
   readonly #ownStateChannel: boolean;
   readonly #maxStateBytes: number;
+  /** see {@link BackendSessionOptions.pollTurns} */
+  readonly pollTurns: number;
 
   /**
    * Attach a device to a connected channel.
@@ -155,17 +172,36 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.log = options.logger;
     this.#ownStateChannel = options.ownStateChannel ?? false;
     this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
+    this.pollTurns = options.pollTurns ?? 0;
+    if (!Number.isInteger(this.pollTurns) || this.pollTurns < 0) {
+      throw new RangeError(
+        `BackendSession: pollTurns must be an integer >= 0, got ${this.pollTurns}`,
+      );
+    }
     this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
     channel.on("message", (msg: FrontendMessage) => {
       // Requests are handled strictly in order: GET_VRING_BASE may wait for in-flight buffers.
-      this.#queue = this.#queue.then(() => this.#dispatch(msg));
+      this.#queue = this.#queue
+        .then(() => this.#dispatch(msg))
+        .catch((err: unknown) => {
+          // #dispatch reports its own failures; anything reaching here is a bug in the
+          // framework. Log it and keep the chain alive so later requests are still handled.
+          this.log.error(
+            `${this.name}: ${msg.name}: ${err instanceof Error ? err.message : String(err)}`,
+          );
+        });
     });
     channel.on("error", (err: Error) => {
       this.log.error(`${this.name}: connection error: ${err.message}`);
-      this.emit("error", err);
+      this.#emitError(err);
     });
     channel.on("close", () => this.#teardown());
     device.attach?.(this);
+  }
+
+  /** Emit `error` for listeners; without one, the log line already written is the report. */
+  #emitError(err: Error): void {
+    if (this.listenerCount("error") > 0) this.emit("error", err);
   }
 
   // --- DeviceContext ------------------------------------------------------------------
@@ -206,12 +242,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
 
   /** @returns the features this back-end offers in GET_FEATURES */
   offeredFeatures(): bigint {
-    return this.device.features | FRAMEWORK_FEATURES;
+    const f = this.device.features | FRAMEWORK_FEATURES;
+    // Worker rings do not mark the dirty log: no live migration for such a device.
+    return this.device.hasWorkerQueues ? f & ~featureMask(VirtioFeature.LOG_ALL) : f;
   }
 
   /** @returns the protocol features this back-end offers */
   offeredProtocolFeatures(): bigint {
     let pf = FRAMEWORK_PROTOCOL_FEATURES | (this.device.protocolFeatures ?? 0n);
+    if (this.device.hasWorkerQueues) pf &= ~featureMask(ProtocolFeature.LOG_SHMFD);
     if (this.device.getConfig) pf |= featureMask(ProtocolFeature.CONFIG);
     if (this.device.saveState && this.device.loadState) {
       pf |= featureMask(ProtocolFeature.DEVICE_STATE);
@@ -247,7 +286,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       return;
     }
     vring.flush();
-    if (this.#logFd >= 0 && this.#dirtyLog) {
+    if (this.#logFd >= 0 && this.#memory?.log) {
       // SET_LOG_FD: tell the front-end the log changed. Best effort: the counter may be full.
       native.eventfdWrite(this.#logFd, 1);
     }
@@ -260,6 +299,37 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   stateChanged(vring: Vring): void {
     this.device.queueStateChanged?.(vring);
     if (vring.started) this.emit("ring", vring);
+  }
+
+  /**
+   * @param index queue index
+   * @returns the device's worker spec for the queue, or null (processed on the main thread)
+   */
+  workerSpec(index: number): WorkerQueueSpec | null {
+    if (!this.device.hasWorkerQueues || !this.device.workerQueue) return null;
+    return this.device.workerQueue(index);
+  }
+
+  /** @returns the current regions, each with a fresh dup of its fd (the worker closes it) */
+  workerRegions(): WorkerRegionInit[] {
+    const out: WorkerRegionInit[] = [];
+    try {
+      for (const r of this.#regions) {
+        const fd = this.#regionFds.get(r);
+        if (fd === undefined) throw new Error(`region at gpa ${r.gpa} has no fd`);
+        out.push({
+          fd: native.dup(fd),
+          gpa: r.gpa,
+          size: r.size,
+          uaddr: r.uaddr,
+          mmapOffset: r.mmapOffset,
+        });
+      }
+    } catch (err) {
+      for (const o of out) native.close(o.fd);
+      throw err;
+    }
+    return out;
   }
 
   // --- request handling ---------------------------------------------------------------
@@ -282,7 +352,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
               cause: err,
             });
       this.log.error(`${this.name}: ${error.message}`);
-      this.emit("error", error);
+      this.#emitError(error);
       if (this.#closed) return;
       if (error.fatal) {
         this.channel.close();
@@ -409,7 +479,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         return;
 
       case FrontendRequest.SET_MEM_TABLE:
-        this.#setMemTable(msg, msg.payload.regions, msg.fds);
+        await this.#setMemTable(msg, msg.payload.regions, msg.fds);
         this.#ok(msg);
         return;
 
@@ -418,13 +488,13 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         return;
 
       case FrontendRequest.ADD_MEM_REG:
-        this.#addMemReg(msg, msg.payload, msg.fds);
+        await this.#addMemReg(msg, msg.payload, msg.fds);
         this.#ok(msg);
         return;
 
       case FrontendRequest.REM_MEM_REG:
         for (const fd of msg.fds) native.close(fd);
-        this.#remMemReg(msg, msg.payload);
+        await this.#remMemReg(msg, msg.payload);
         this.#ok(msg);
         return;
 
@@ -508,7 +578,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       case FrontendRequest.GET_VRING_BASE: {
         const vring = this.#vring(msg, msg.payload.index);
         await this.#waitInFlight(vring);
-        const base = vring.stop();
+        const base = await vring.halt();
         const num = this.format().packed
           ? encodePackedVringBase(
               {
@@ -738,8 +808,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   }
 
   /** Map every region, then switch all rings to the new memory, then unmap the old. */
-  #setMemTable(msg: FrontendMessage, regions: MemoryRegion[], fds: number[]): void {
+  async #setMemTable(msg: FrontendMessage, regions: MemoryRegion[], fds: number[]): Promise<void> {
     const mapped: Region[] = [];
+    let installed: Promise<void>;
+    let fdsTaken = false;
     try {
       if (fds.length !== regions.length) {
         throw new VhostUserError("ERR_VHOST_MISSING_FDS", "one fd per region expected", {
@@ -756,17 +828,34 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       });
       for (let i = 0; i < infos.length; i++) mapped.push(mapRegion(fds[i]!, infos[i]!));
       const memory = new GuestMemory(mapped);
-      this.#installMemory(mapped, memory);
+      this.#keepRegionFds(mapped, fds);
+      fdsTaken = true;
+      installed = this.#installMemory(mapped, memory);
     } catch (err) {
-      for (const r of mapped) unmapRegion(r);
+      for (const r of mapped) this.#unmap(r);
+      if (!fdsTaken) for (const fd of fds) native.close(fd);
       throw err instanceof VhostUserError ? err : wrapMemoryError(msg.name, err);
-    } finally {
-      for (const fd of fds) native.close(fd);
     }
+    await installed;
   }
 
-  #addMemReg(msg: FrontendMessage, region: MemoryRegion, fds: number[]): void {
+  /**
+   * Keep each region's fd open with it when the device has worker queues (a worker maps the
+   * region from a dup; the fd is closed when the region is unmapped); close them otherwise.
+   */
+  #keepRegionFds(regions: Region[], fds: number[]): void {
+    if (!this.device.hasWorkerQueues) {
+      for (const fd of fds) native.close(fd);
+      return;
+    }
+    regions.forEach((r, i) => this.#regionFds.set(r, fds[i]!));
+    for (const fd of fds.slice(regions.length)) native.close(fd);
+  }
+
+  async #addMemReg(msg: FrontendMessage, region: MemoryRegion, fds: number[]): Promise<void> {
     let mapped: Region | null = null;
+    let installed: Promise<void>;
+    let fdsTaken = false;
     try {
       this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
       const fd = fds[0];
@@ -777,22 +866,43 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
           value: 0,
         });
       }
+      const info = this.#regionInfo(msg, region);
+      const same = this.#regions.find(
+        (r) =>
+          r.gpa === info.gpa &&
+          r.size === info.size &&
+          r.uaddr === info.uaddr &&
+          r.mmapOffset === info.mmapOffset,
+      );
+      if (same) {
+        // QEMU before 8.0 sends ADD_MEM_REG once per queue pair of a multiqueue device (it
+        // was not a one-time request there): the same region again is a no-op, as in
+        // libvhost-user. Any other overlap is refused when the new table is validated.
+        for (const f of fds) native.close(f);
+        fdsTaken = true;
+        this.log.debug(
+          `${this.name}: ${msg.name}: region at gpa 0x${info.gpa.toString(16)} already mapped`,
+        );
+        return;
+      }
       if (this.#regions.length >= BACKEND_MAX_MEM_SLOTS) {
         throw badField(msg.name, "regions", this.#regions.length, "no free memory slot");
       }
-      mapped = mapRegion(fd, this.#regionInfo(msg, region));
+      mapped = mapRegion(fd, info);
       const regions = [...this.#regions, mapped];
       const memory = new GuestMemory(regions);
-      this.#installMemory(regions, memory);
+      this.#keepRegionFds([mapped], fds);
+      fdsTaken = true;
+      installed = this.#installMemory(regions, memory);
     } catch (err) {
-      if (mapped) unmapRegion(mapped);
+      if (mapped) this.#unmap(mapped);
+      if (!fdsTaken) for (const fd of fds) native.close(fd);
       throw err instanceof VhostUserError ? err : wrapMemoryError(msg.name, err);
-    } finally {
-      for (const fd of fds) native.close(fd);
     }
+    await installed;
   }
 
-  #remMemReg(msg: FrontendMessage, region: MemoryRegion): void {
+  async #remMemReg(msg: FrontendMessage, region: MemoryRegion): Promise<void> {
     this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
     const info = this.#regionInfo(msg, region);
     const victim = this.#regions.find(
@@ -801,9 +911,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     if (!victim) throw badField(msg.name, "guest_phys_addr", info.gpa, "no such region");
     const rest = this.#regions.filter((r) => r !== victim);
     if (rest.length === 0) {
-      this.#installMemory([], null);
+      await this.#installMemory([], null);
     } else {
-      this.#installMemory(rest, new GuestMemory(rest));
+      await this.#installMemory(rest, new GuestMemory(rest));
     }
   }
 
@@ -811,20 +921,37 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * Switch to new memory. Running rings are rebuilt over it (keeping their position) before
    * the old regions that are no longer used are unmapped.
    */
-  #installMemory(regions: Region[], memory: GuestMemory | null): void {
+  #installMemory(regions: Region[], memory: GuestMemory | null): Promise<void> {
     const old = this.#regions;
     // LIFETIME: queues hold views into the old mappings; rebuild them before unmapping.
+    // Worker rings have mappings of their own: they remap (and drop the old ones) in their
+    // thread; the request is acknowledged once they did.
     this.#regions = regions;
     this.#memory = memory;
     this.#applyLog();
-    for (const v of this.vrings) v.rebuild();
-    for (const r of old) if (!regions.includes(r)) unmapRegion(r);
+    const remaps: Promise<void>[] = [];
+    for (const v of this.vrings) {
+      if (v.worker) remaps.push(v.remapWorker());
+      else v.rebuild();
+    }
+    for (const r of old) if (!regions.includes(r)) this.#unmap(r);
     this.stats.memoryTableUpdates++;
     this.log.info(
       `${this.name}: memory table: ${regions.length} region(s), ` +
         `${regions.reduce((s, r) => s + r.size, 0)} bytes`,
     );
     for (const v of this.vrings) v.poke();
+    return Promise.all(remaps).then(() => undefined);
+  }
+
+  /** Unmap a region and close the fd kept with it. */
+  #unmap(r: Region): void {
+    unmapRegion(r);
+    const fd = this.#regionFds.get(r);
+    if (fd !== undefined) {
+      this.#regionFds.delete(r);
+      native.close(fd);
+    }
   }
 
   #checkRingAddresses(
@@ -951,11 +1078,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       throw err;
     }
     transfer.bytes = data.length;
-    await writeAllToFd(fd, data);
+    await writeStateToFd(fd, data);
   }
 
   async #loadFrom(fd: number, transfer: StateTransfer): Promise<void> {
-    const data = await readAllFromFd(fd, { maxBytes: this.#maxStateBytes });
+    const data = await readStateFromFd(fd, { maxBytes: this.#maxStateBytes });
     transfer.bytes = data.length;
     if (!this.device.loadState) throw new Error("device cannot load a state");
     await this.device.loadState(data);
@@ -974,8 +1101,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     if (transfer.error) {
       this.channel.reply(msg.request, 1n);
       this.stats.failedRequests++;
-      this.emit(
-        "error",
+      this.#emitError(
         new VhostUserError("ERR_VHOST_REQUEST_FAILED", transfer.error.message, {
           request: msg.name,
           field: "direction",
@@ -1023,7 +1149,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#backendChannel?.close();
     this.#backendChannel = null;
     if (this.#memory) this.#memory.log = null;
-    for (const r of this.#regions) unmapRegion(r);
+    for (const r of this.#regions) this.#unmap(r);
     this.#regions = [];
     this.#memory = null;
     if (this.#dirtyLog) unmapDirtyLog(this.#dirtyLog);

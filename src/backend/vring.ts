@@ -12,7 +12,17 @@ import { SplitDeviceQueue } from "../virtq/split.js";
 import { PackedDeviceQueue } from "../virtq/packed.js";
 import { splitRingSizes, packedRingSizes } from "../virtq/layout.js";
 import type { DeviceQueue, DescChain, QueueBase } from "../virtq/types.js";
-import type { BackendQueue, Logger } from "./device.js";
+import type { BackendQueue, Logger, WorkerQueueSpec } from "./device.js";
+import { QueueWorker } from "./worker-queue.js";
+import type { WorkerRegionInit, WorkerRingAddresses } from "./worker-queue.js";
+
+/**
+ * A suggested value for adaptive polling (`pollTurns`): event-loop turns a ring keeps being
+ * polled, with driver notifications suppressed, after the last turn that found work. Off by
+ * default: against DPDK virtio_user on a 2-core machine it did not raise the packet rate
+ * (64-byte TX: median 2.9 Mpps with 64 turns vs 4.6 Mpps without, 5 alternated runs each).
+ */
+export const SPIN_IDLE_TURNS = 64;
 
 /** Ring addresses as SET_VRING_ADDR gives them (front-end virtual addresses). */
 export interface VringAddresses {
@@ -41,6 +51,12 @@ export interface VringHost {
   process(vring: Vring): void;
   /** the queue started, stopped, or changed enabled state */
   stateChanged(vring: Vring): void;
+  /** the worker the device wants for this queue, or null (main thread) */
+  workerSpec(index: number): WorkerQueueSpec | null;
+  /** the current memory regions with a dup of each region's fd, for a worker */
+  workerRegions(): WorkerRegionInit[];
+  /** adaptive polling: idle turns before notifications are asked for again (0: off) */
+  readonly pollTurns: number;
 }
 
 /**
@@ -67,6 +83,11 @@ export class Vring implements BackendQueue {
   #memory: GuestMemory | null = null;
   #kickWatcher: FdWatcher | null = null;
   #pollTimer: NodeJS.Timeout | null = null;
+  #worker: QueueWorker | null = null;
+  /** chains popped so far (tells the poller whether a turn found work) */
+  #pops = 0;
+  #spinning = false;
+  #idleTurns = 0;
   readonly #host: VringHost;
   /** kicks received (counter for stats and tests) */
   kicks = 0;
@@ -107,7 +128,8 @@ export class Vring implements BackendQueue {
     if (this.#enabled === enabled) return;
     this.#enabled = enabled;
     this.#host.stateChanged(this);
-    if (enabled && this.#started) this.#host.process(this);
+    if (this.#worker) this.#worker.setEnabled(enabled);
+    else if (enabled && this.#started) this.#process();
   }
 
   /**
@@ -120,6 +142,17 @@ export class Vring implements BackendQueue {
     if (this.kickFd >= 0) native.close(this.kickFd);
     this.kickFd = fd;
     this.polling = fd < 0;
+    if (this.#worker) {
+      // The worker watches (or polls) the ring itself.
+      this.#worker.setKick(fd);
+      return;
+    }
+    this.#watchKick();
+  }
+
+  /** Watch the kick fd (or poll when there is none) on the main thread. */
+  #watchKick(): void {
+    const fd = this.kickFd;
     if (fd >= 0) {
       const watcher = new native.FdWatcher(fd, (_events, error) => {
         if (error) {
@@ -145,6 +178,7 @@ export class Vring implements BackendQueue {
   setCall(fd: number): void {
     if (this.callFd >= 0) native.close(this.callFd);
     this.callFd = fd;
+    this.#worker?.setCall(fd);
   }
 
   /**
@@ -170,12 +204,71 @@ export class Vring implements BackendQueue {
     if (!this.#started) {
       if (!this.#start()) return;
     }
-    this.#host.process(this);
+    // A worker ring is processed by its worker (which does a first pass when it starts).
+    if (this.#worker) return;
+    this.#process();
   }
 
   /** Process the ring once (used by the session after memory changes and for polling). */
   poke(): void {
-    if (this.#started && !this.broken) this.#host.process(this);
+    if (this.#worker) this.#worker.poke();
+    else if (this.#started && !this.broken) this.#process();
+  }
+
+  /**
+   * Let the device process the ring; when it found work, keep polling on the next event-loop
+   * turns with driver notifications suppressed, until {@link SPIN_IDLE_TURNS} turns found
+   * nothing (VIRTIO 1.2 §2.7.10, §2.8.10: the device may suppress notifications).
+   */
+  #process(): void {
+    const before = this.#pops;
+    this.#host.process(this);
+    if (this.#pops !== before && this.#host.pollTurns > 0) this.#startSpin();
+  }
+
+  #startSpin(): void {
+    this.#idleTurns = 0;
+    if (this.#spinning || !this.#queue) return;
+    this.#spinning = true;
+    this.#queue.setNotification(false);
+    setImmediate(this.#spinTurn);
+  }
+
+  readonly #spinTurn = (): void => {
+    if (!this.#spinning) return;
+    const q = this.#queue;
+    if (!q || !this.#started || this.broken) {
+      this.#spinning = false;
+      return;
+    }
+    const before = this.#pops;
+    this.#host.process(this);
+    if (this.#pops !== before) {
+      this.#idleTurns = 0;
+    } else if (++this.#idleTurns >= this.#host.pollTurns) {
+      this.#endSpin();
+      // ORDERING: notifications were re-enabled (a seq-cst store) before this look at the
+      // ring: a buffer published before the driver saw them enabled is found here.
+      if (this.#queue === q && q.hasAvailable()) this.#process();
+      return;
+    }
+    if (this.#spinning) setImmediate(this.#spinTurn);
+  };
+
+  /** Stop polling and ask the driver for kicks again (before the ring stops or is rebuilt). */
+  #endSpin(): void {
+    if (!this.#spinning) return;
+    this.#spinning = false;
+    try {
+      this.#queue?.setNotification(true);
+    } catch {
+      // the memory is gone (disconnect): nobody is left to kick
+    }
+  }
+
+  /** @returns the worker running this ring, or null (main thread or stopped) */
+  get worker(): QueueWorker | null {
+    return this.#worker;
   }
 
   /**
@@ -192,17 +285,92 @@ export class Vring implements BackendQueue {
       );
       return false;
     }
+    let spec: WorkerQueueSpec | null;
     try {
-      this.#queue = this.#buildQueue(mem);
-      this.#memory = mem;
+      // Built on the main thread too for a worker ring: it validates the addresses here.
+      const q = this.#buildQueue(mem);
+      spec = this.#host.workerSpec(this.index);
+      if (spec) {
+        if (this.addr.log) {
+          throw new Error(
+            "SET_VRING_ADDR asks for used-ring logging (VHOST_VRING_F_LOG), " +
+              "which worker queues do not support",
+          );
+        }
+        this.#startWorker(spec, mem);
+      } else {
+        this.#queue = q;
+        this.#memory = mem;
+      }
     } catch (err) {
       this.markBroken(err instanceof Error ? err.message : String(err));
       return false;
     }
     this.#started = true;
-    this.#host.log.debug(`queue ${this.index}: started at avail ${this.base.availIdx}`);
+    this.#host.log.debug(
+      `queue ${this.index}: started at avail ${this.base.availIdx}${spec ? " in a worker" : ""}`,
+    );
     this.#host.stateChanged(this);
     return true;
+  }
+
+  /** The ring's guest-physical addresses in `mem`. */
+  #ringGpas(mem: GuestMemory): WorkerRingAddresses {
+    const addr = this.addr!;
+    if (this.#host.format().packed) {
+      const p = packedRingSizes(this.size);
+      return {
+        desc: mem.uaddrToGpa(toUaddr(addr.desc), p.desc),
+        avail: mem.uaddrToGpa(toUaddr(addr.avail), p.driverEvent),
+        used: mem.uaddrToGpa(toUaddr(addr.used), p.deviceEvent),
+      };
+    }
+    const s = splitRingSizes(this.size);
+    return {
+      desc: mem.uaddrToGpa(toUaddr(addr.desc), s.desc),
+      avail: mem.uaddrToGpa(toUaddr(addr.avail), s.avail),
+      used: mem.uaddrToGpa(toUaddr(addr.used), s.used),
+    };
+  }
+
+  /** Hand the ring to a worker thread; the main thread stops watching the kick fd. */
+  #startWorker(spec: WorkerQueueSpec, mem: GuestMemory): void {
+    const fmt = this.#host.format();
+    const ring = this.#ringGpas(mem);
+    const regions = this.#host.workerRegions();
+    const kick = this.kickFd >= 0 ? native.dup(this.kickFd) : -1;
+    const call = this.callFd >= 0 ? native.dup(this.callFd) : -1;
+    this.#stopKickWatch();
+    this.#stopPolling();
+    const worker = new QueueWorker(
+      {
+        index: this.index,
+        size: this.size,
+        packed: fmt.packed,
+        eventIdx: fmt.eventIdx,
+        indirect: fmt.indirect,
+        ring,
+        base: { ...this.base },
+        regions,
+        kickFd: kick,
+        callFd: call,
+        enabled: this.#enabled,
+        pollTurns: this.#host.pollTurns,
+        module: spec.module,
+        options: spec.options,
+        counters: spec.counters ?? null,
+      },
+      this.#host.log,
+      {
+        broken: (reason, base) => {
+          if (this.#worker !== worker) return;
+          this.#worker = null;
+          if (base) this.base = base;
+          this.markBroken(`worker: ${reason}`);
+        },
+      },
+    );
+    this.#worker = worker;
   }
 
   #buildQueue(mem: GuestMemory): DeviceQueue {
@@ -250,7 +418,12 @@ export class Vring implements BackendQueue {
    * after its address flags changed (VHOST_VRING_F_LOG toggled during migration).
    */
   rebuild(): void {
+    if (this.#worker) {
+      void this.remapWorker();
+      return;
+    }
     if (!this.#started || !this.#queue) return;
+    this.#endSpin();
     const mem = this.#host.memory();
     if (!mem) {
       this.stop();
@@ -267,13 +440,72 @@ export class Vring implements BackendQueue {
   }
 
   /**
+   * Move a worker ring to the current guest memory (memory-table change): resolves once the
+   * worker has mapped the new regions and dropped the old ones. A no-op for other rings.
+   * @returns resolves when done (a failure marks the ring broken)
+   */
+  async remapWorker(): Promise<void> {
+    const worker = this.#worker;
+    if (!worker) return;
+    const mem = this.#host.memory();
+    if (!mem) {
+      await this.halt();
+      return;
+    }
+    let ring: WorkerRingAddresses;
+    try {
+      ring = this.#ringGpas(mem);
+    } catch (err) {
+      await this.halt();
+      this.markBroken(err instanceof Error ? err.message : String(err));
+      return;
+    }
+    await worker.remap(this.#host.workerRegions(), ring);
+  }
+
+  /**
+   * Stop the ring and wait for its worker, if it has one, to return its position
+   * (GET_VRING_BASE); the main thread then watches the kick fd again, so the next kick
+   * restarts the ring.
+   * @returns the next available index (and the packed fields)
+   */
+  async halt(): Promise<QueueBase> {
+    const worker = this.#worker;
+    if (!worker) return this.stop();
+    const base = await worker.stop();
+    if (this.#worker !== worker) return { ...this.base };
+    this.#worker = null;
+    if (base) this.base = base;
+    const wasStarted = this.#started;
+    this.#started = false;
+    if (this.kickFd >= 0 && !this.#kickWatcher) {
+      // A kick the worker left in the counter must not restart the ring just stopped.
+      try {
+        native.eventfdRead(this.kickFd);
+      } catch {
+        // not an eventfd
+      }
+      this.#watchKick();
+    }
+    if (wasStarted) this.#host.stateChanged(this);
+    return { ...this.base };
+  }
+
+  /**
    * Stop the ring (GET_VRING_BASE) and return its base. The ring keeps its fds; a later kick
    * starts it again from the returned base unless SET_VRING_BASE changes it.
    * @returns the next available index (and the packed fields)
    */
   stop(): QueueBase {
+    this.#endSpin();
     if (this.#queue) {
       this.base = this.#queue.getBase();
+    }
+    if (this.#worker) {
+      // Synchronous stop (reset, disconnect): the worker's position is lost; it exits.
+      void this.#worker.close();
+      this.#worker = null;
+      if (this.kickFd >= 0 && !this.#kickWatcher) this.#watchKick();
     }
     const wasStarted = this.#started;
     this.#started = false;
@@ -300,7 +532,14 @@ export class Vring implements BackendQueue {
         this.#host.log.warn(`queue ${this.index}: err fd write failed: ${String(err)}`);
       }
     }
+    this.#endSpin();
     if (this.#queue) this.base = this.#queue.getBase();
+    if (this.#worker) {
+      void this.#worker.close();
+      this.#worker = null;
+    }
+    // Kicks are watched again (and ignored while broken) until the ring is set up anew.
+    if (this.kickFd >= 0 && !this.#kickWatcher) this.#watchKick();
     this.#started = false;
     this.#queue = null;
     this.#stopPolling();
@@ -324,6 +563,11 @@ export class Vring implements BackendQueue {
 
   /** Close every fd and watcher; the object is dead afterwards. */
   dispose(): void {
+    if (this.#worker) {
+      void this.#worker.close();
+      this.#worker = null;
+    }
+    this.#endSpin();
     this.#started = false;
     this.#queue = null;
     this.#memory = null;
@@ -362,7 +606,9 @@ export class Vring implements BackendQueue {
     const q = this.#queue;
     if (!q || this.broken) return null;
     try {
-      return q.pop();
+      const chain = q.pop();
+      if (chain !== null) this.#pops++;
+      return chain;
     } catch (err) {
       this.markBroken(err instanceof Error ? err.message : String(err));
       return null;
@@ -429,7 +675,17 @@ export class Vring implements BackendQueue {
         continue;
       }
       const n = Math.min(seg.len - skip, src.length - copied);
-      mem.write((seg.gpa + skip) as Gpa, src.subarray(copied, copied + n));
+      const g = (seg.gpa + skip) as Gpa;
+      const part = n === src.length ? src : src.subarray(copied, copied + n);
+      const r = mem.tryRegionFor(g, n);
+      if (r !== null) {
+        // Fast path: one region; LIFETIME: r.bytes is used at once and not kept.
+        r.bytes.set(part, g - r.gpa);
+        const log = mem.log;
+        if (log !== null) log.mark(g, n);
+      } else {
+        mem.write(g, part);
+      }
       copied += n;
       skip = 0;
     }

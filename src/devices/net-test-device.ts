@@ -4,8 +4,15 @@
  * with a frame. Queues come in pairs: 2k receives (device to driver), 2k+1 transmits.
  */
 import { featureMask, VirtioFeature, ProtocolFeature } from "../protocol/constants.js";
-import type { BackendQueue, DeviceContext, VhostUserDevice } from "../backend/device.js";
+import type {
+  BackendQueue,
+  DeviceContext,
+  VhostUserDevice,
+  WorkerQueueSpec,
+} from "../backend/device.js";
 import type { DescChain } from "../virtq/types.js";
+import { WorkerCounter } from "./net-test-worker.js";
+import type { NetWorkerOptions } from "./net-test-worker.js";
 
 /** virtio_net_hdr_v1 size (VIRTIO 1.2 §5.1.6: 12 bytes once VERSION_1 is negotiated). */
 export const NET_HDR_SIZE = 12;
@@ -29,6 +36,12 @@ export interface NetTestDeviceOptions {
   maxQueueSize?: number;
   /** keep a copy of every received frame (tests only; default false) */
   keepFrames?: boolean;
+  /**
+   * Run the data queues in worker threads (`src/devices/net-test-worker.ts`): in sink mode
+   * every transmit queue, in source mode every receive queue. Not available in echo mode nor
+   * with `keepFrames`. The back-end then offers no dirty logging (no live migration).
+   */
+  workerQueues?: boolean;
 }
 
 /** Counters per queue pair. */
@@ -54,6 +67,9 @@ export class NetTestDevice implements VhostUserDevice {
   readonly mode: NetTestMode;
   readonly counters: NetTestCounters[];
   readonly frames: Uint8Array[] = [];
+  readonly hasWorkerQueues: boolean;
+  /** per queue pair, the counters shared with the worker of its data queue */
+  readonly #shared: Float64Array[];
   #ctx: DeviceContext | null = null;
   #frame: Uint8Array;
   #frameLimit: number;
@@ -76,13 +92,41 @@ export class NetTestDevice implements VhostUserDevice {
       featureMask(VirtioFeature.MAC) |
       featureMask(VirtioFeature.STATUS) |
       (pairs > 1 ? featureMask(VirtioFeature.NET_MQ) | featureMask(VirtioFeature.CTRL_VQ) : 0n);
-    this.counters = Array.from({ length: pairs }, () => ({
-      rxPackets: 0,
-      rxBytes: 0,
-      txPackets: 0,
-      txBytes: 0,
-      dropped: 0,
-    }));
+    this.hasWorkerQueues = options.workerQueues ?? false;
+    if (this.hasWorkerQueues && (this.mode === "echo" || options.keepFrames === true)) {
+      throw new RangeError(
+        `NetTestDevice: workerQueues is not available in ${this.mode} mode with keepFrames=${String(options.keepFrames ?? false)}`,
+      );
+    }
+    this.#shared = Array.from(
+      { length: this.hasWorkerQueues ? pairs : 0 },
+      () =>
+        new Float64Array(
+          new SharedArrayBuffer(WorkerCounter.COUNT * Float64Array.BYTES_PER_ELEMENT),
+        ),
+    );
+    this.counters = Array.from({ length: pairs }, (_, i) => {
+      const c: NetTestCounters = { rxPackets: 0, rxBytes: 0, txPackets: 0, txBytes: 0, dropped: 0 };
+      const shared = this.#shared[i];
+      if (shared) {
+        // The worker is the only writer of its direction's counters: read them live.
+        const [packets, bytes] =
+          this.mode === "sink" ? ["txPackets", "txBytes"] : ["rxPackets", "rxBytes"];
+        Object.defineProperty(c, packets, {
+          get: () => shared[WorkerCounter.PACKETS],
+          enumerable: true,
+        });
+        Object.defineProperty(c, bytes, {
+          get: () => shared[WorkerCounter.BYTES],
+          enumerable: true,
+        });
+        Object.defineProperty(c, "dropped", {
+          get: () => shared[WorkerCounter.DROPPED],
+          enumerable: true,
+        });
+      }
+      return c;
+    });
     this.#pending = Array.from({ length: pairs }, () => []);
     const len = options.frameLength ?? 64;
     this.#frame = new Uint8Array(NET_HDR_SIZE + len);
@@ -94,6 +138,39 @@ export class NetTestDevice implements VhostUserDevice {
     for (let i = NET_HDR_SIZE + 14; i < this.#frame.length; i++) this.#frame[i] = i & 0xff;
     this.#frameLimit = options.frameLimit ?? Infinity;
     this.#keep = options.keepFrames ?? false;
+  }
+
+  /**
+   * The worker handler of a data queue when `workerQueues` is set: sink mode runs the transmit
+   * queues (2k+1), source mode the receive queues (2k) in workers.
+   * @param index queue index
+   * @returns the spec, or null for a queue processed on the main thread
+   */
+  workerQueue(index: number): WorkerQueueSpec | null {
+    const shared = this.#shared[index >> 1];
+    if (!shared) return null;
+    const tx = (index & 1) === 1;
+    if (this.mode === "sink" && tx) {
+      const options: NetWorkerOptions = { role: "sink" };
+      return {
+        module: new URL("./net-test-worker.js", import.meta.url).href,
+        options,
+        counters: shared,
+      };
+    }
+    if (this.mode === "source" && !tx) {
+      const options: NetWorkerOptions = {
+        role: "source",
+        frame: this.#frame,
+        ...(Number.isFinite(this.#frameLimit) ? { frameLimit: this.#frameLimit } : {}),
+      };
+      return {
+        module: new URL("./net-test-worker.js", import.meta.url).href,
+        options,
+        counters: shared,
+      };
+    }
+    return null;
   }
 
   /** @inheritdoc */

@@ -56,7 +56,7 @@ import type { QueueBase } from "../virtq/types.js";
 import type { GuestRam } from "./guest-ram.js";
 import { toWireRegion } from "./guest-ram.js";
 import { DEFAULT_BUFFER_SIZE, FrontendQueue } from "./queue.js";
-import type { RingAddresses } from "./queue.js";
+import type { DriverSnapshot, RingAddresses } from "./queue.js";
 
 /** Protocol features this front-end implements (and asks for by default). */
 export const FRONTEND_PROTOCOL_FEATURES = featureSet(
@@ -69,6 +69,7 @@ export const FRONTEND_PROTOCOL_FEATURES = featureSet(
   ProtocolFeature.RESET_DEVICE,
   ProtocolFeature.CONFIGURE_MEM_SLOTS,
   ProtocolFeature.STATUS,
+  ProtocolFeature.DEVICE_STATE,
 );
 
 /** Virtio features asked for by default: VERSION_1 (and F_PROTOCOL_FEATURES when offered). */
@@ -166,6 +167,12 @@ export interface QueueSetupOptions {
   bufferRegion?: number;
   /** bytes per net-helper buffer (default 2048) */
   bufferSize?: number;
+  /**
+   * Destination of a migration: rebuild the driver side from the source's snapshot at the
+   * snapshot's ring addresses (size, format, event idx and buffer size come from it; nothing is
+   * allocated). Give the device's position in `base`.
+   */
+  restore?: DriverSnapshot;
 }
 
 /** Options of {@link VhostUserFrontend.setMemTable}. */
@@ -1000,12 +1007,21 @@ export class VhostUserFrontend extends EventEmitter {
       );
     }
     const f = this.features;
-    const packed = options.packed ?? hasFeature(f, VirtioFeature.RING_PACKED);
-    const eventIdx = options.eventIdx ?? hasFeature(f, VirtioFeature.RING_EVENT_IDX);
-    const indirect = !packed && (options.indirect ?? false);
-    const size = options.size;
+    const snap = options.restore;
+    const packed = snap?.packed ?? options.packed ?? hasFeature(f, VirtioFeature.RING_PACKED);
+    const eventIdx =
+      snap?.eventIdx ?? options.eventIdx ?? hasFeature(f, VirtioFeature.RING_EVENT_IDX);
+    const indirect = snap?.indirect ?? (!packed && (options.indirect ?? false));
+    const size = snap?.size ?? options.size;
     let ring: RingAddresses;
-    if (packed) {
+    if (snap !== undefined) {
+      ring = {
+        desc: snap.ring.desc as Gpa,
+        avail: snap.ring.avail as Gpa,
+        used: snap.ring.used as Gpa,
+        indirectTable: snap.ring.indirectTable as Gpa | null,
+      };
+    } else if (packed) {
       const p = packedRingSizes(size);
       const at = this.#allocRing(ram, p.desc + p.driverEvent + p.deviceEvent, options.ringRegion);
       ring = {
@@ -1027,11 +1043,15 @@ export class VhostUserFrontend extends EventEmitter {
     }
     const base = options.base;
     const startIdx =
-      !packed && base !== undefined
-        ? typeof base === "number"
-          ? base & 0xffff
-          : base.availIdx
-        : 0;
+      snap !== undefined
+        ? packed
+          ? 0
+          : snap.lastUsedIdx
+        : !packed && base !== undefined
+          ? typeof base === "number"
+            ? base & 0xffff
+            : base.availIdx
+          : 0;
     const kickFd = options.kick === "none" ? -1 : native.eventfd(0);
     const callFd = options.call === "none" ? -1 : native.eventfd(0);
     const errMode = options.err ?? "eventfd";
@@ -1049,10 +1069,11 @@ export class VhostUserFrontend extends EventEmitter {
         kickFd,
         callFd,
         errFd,
-        bufferSize: options.bufferSize ?? DEFAULT_BUFFER_SIZE,
+        bufferSize: snap?.bufferSize ?? options.bufferSize ?? DEFAULT_BUFFER_SIZE,
         bufferRegion: options.bufferRegion ?? ram.regions.length - 1,
         startIdx,
       });
+      if (snap !== undefined) q.restoreSnapshot(snap);
     } catch (err) {
       for (const fd of [kickFd, callFd, errFd]) if (fd >= 0) native.close(fd);
       throw err;
@@ -1154,6 +1175,19 @@ export class VhostUserFrontend extends EventEmitter {
     q.stoppedBase = null;
     q.stopped = false;
     q.forceKick();
+  }
+
+  /**
+   * SET_VRING_ADDR again for a ring that is set up, with or without VHOST_VRING_F_LOG (used-ring
+   * writes logged at log_guest_addr) - the migration source turns it on and off this way.
+   * @param index queue index
+   * @param log set VHOST_VRING_F_LOG
+   * @throws VhostUserError when the queue is not set up or the back-end refuses
+   * (vhost-user: VHOST_USER_SET_VRING_ADDR, "Migration")
+   */
+  async setVringLog(index: number, log: boolean): Promise<void> {
+    const q = this.#queueOrThrow("setVringLog", index);
+    await this.#call(FR.SET_VRING_ADDR, this.#ringAddr(q, log));
   }
 
   /**

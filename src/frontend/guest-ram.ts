@@ -94,6 +94,8 @@ export class GuestRam {
   readonly #fds: number[];
   readonly #cursors: Cursor[];
   #closed = false;
+  /** pages (gpa >> 12) written through this object or marked, while tracking */
+  #dirty: Set<number> | null = null;
 
   private constructor(
     regions: GuestRamRegion[],
@@ -282,6 +284,7 @@ export class GuestRam {
   write(g: Gpa, data: Uint8Array): void {
     this.#checkOpen("write");
     this.memory.write(g, data);
+    if (this.#dirty !== null) this.markDirty(g, data.length);
   }
 
   /**
@@ -331,6 +334,80 @@ export class GuestRam {
       (copy.#cursors[i] as Cursor).next = (this.#cursors[i] as Cursor).next;
     });
     return copy;
+  }
+
+  // --- migration -------------------------------------------------------------------
+
+  /** @returns true while the front-end's own writes are tracked ({@link trackDirty}) */
+  get tracking(): boolean {
+    return this.#dirty !== null;
+  }
+
+  /**
+   * Track the pages this process writes (the "guest CPU" side of dirty tracking during a
+   * migration: the back-end logs its own writes in the shared log, the front-end's driver writes
+   * are tracked here).
+   * @param on start (clearing the set) or stop tracking
+   */
+  trackDirty(on: boolean): void {
+    this.#dirty = on ? new Set<number>() : null;
+  }
+
+  /**
+   * Mark [g, g+len) dirty when tracking (a no-op otherwise).
+   * @param g guest-physical address
+   * @param len bytes
+   */
+  markDirty(g: number, len: number): void {
+    const d = this.#dirty;
+    if (d === null || len <= 0) return;
+    const last = Math.floor((g + len - 1) / 4096);
+    for (let p = Math.floor(g / 4096); p <= last; p++) d.add(p);
+  }
+
+  /**
+   * Fetch and clear the set of pages marked since the last call.
+   * @returns guest page numbers (gpa / 4096), unsorted
+   */
+  takeDirty(): number[] {
+    const d = this.#dirty;
+    if (d === null) return [];
+    const out = [...d];
+    d.clear();
+    return out;
+  }
+
+  /**
+   * The layout as {@link GuestRam.create} takes it (a destination builds the same layout).
+   * @returns one spec per region with gpa, size and uaddr
+   */
+  layoutSpec(): GuestRamRegionSpec[] {
+    return this.regions.map((r) => ({ gpa: r.info.gpa, size: r.info.size, uaddr: r.info.uaddr }));
+  }
+
+  /** @returns the allocator's next free GPA per region (for a migration) */
+  allocatorState(): number[] {
+    return this.#cursors.map((c) => c.next);
+  }
+
+  /**
+   * Set the allocator's position per region (the destination of a migration).
+   * @param next next free GPA per region, as {@link allocatorState} returned
+   * @throws RangeError when the list does not match the regions
+   */
+  restoreAllocator(next: readonly number[]): void {
+    if (next.length !== this.regions.length) {
+      throw new RangeError(
+        `guest RAM restoreAllocator: ${next.length} cursors for ${this.regions.length} regions`,
+      );
+    }
+    this.regions.forEach((r, i) => {
+      const n = next[i] as number;
+      if (!Number.isSafeInteger(n) || n < r.info.gpa || n > r.info.gpa + r.info.size) {
+        throw new RangeError(`guest RAM restoreAllocator: cursor ${i} = ${n} outside its region`);
+      }
+      (this.#cursors[i] as Cursor).next = n;
+    });
   }
 
   /** Unmap every region and close the memfds. Idempotent. */

@@ -4,3 +4,4 @@
 export * from "./guest-ram.js";
 export * from "./queue.js";
 export * from "./frontend.js";
+export * from "./migration.js";

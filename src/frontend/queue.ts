@@ -12,6 +12,7 @@ import type { Gpa } from "../memory/address.js";
 import { SplitDriverQueue } from "../virtq/split.js";
 import { PackedDriverQueue } from "../virtq/packed.js";
 import type { QueueBase, Segment } from "../virtq/types.js";
+import { packedRingSizes, splitRingSizes } from "../virtq/layout.js";
 import type { GuestRam } from "./guest-ram.js";
 
 /** virtio_net_hdr_v1 size once VERSION_1 is negotiated (VIRTIO 1.2 §5.1.6). */
@@ -90,6 +91,62 @@ export interface FrontendQueueInit {
   bufferRegion: number | undefined;
   /** split only: initial avail.idx / used.idx */
   startIdx: number;
+}
+
+/** A buffer token as a migration snapshot carries it: a pool buffer, or a plain JSON value. */
+export type TokenSnapshot =
+  | { kind: "pool"; slot: number; gpa: number; receive: boolean }
+  | { kind: "value"; value: string | number | boolean | null }
+  | { kind: "none" };
+
+/**
+ * The driver-side state of a queue, as a VM's guest kernel would keep it in guest RAM: what the
+ * destination front-end needs to go on driving the ring after a migration. Plain JSON data.
+ */
+export interface DriverSnapshot {
+  /** queue index */
+  index: number;
+  /** number of descriptors */
+  size: number;
+  /** packed ring */
+  packed: boolean;
+  /** EVENT_IDX */
+  eventIdx: boolean;
+  /** split indirect tables */
+  indirect: boolean;
+  /** ring addresses (GPAs) */
+  ring: { desc: number; avail: number; used: number; indirectTable: number | null };
+  /** split: the next used index the driver reads (== the device's last avail index) */
+  lastUsedIdx: number;
+  /** buffers made available and not used yet, in the order they were added */
+  outstanding: {
+    segments: { gpa: number; len: number; writable: boolean }[];
+    token: TokenSnapshot;
+  }[];
+  /** used buffers taken from the ring and not yet handed to the application */
+  ready: { id: number; len: number; token: TokenSnapshot }[];
+  /** the net-helper pool: GPA of slot 0, or null before first use */
+  pool: number | null;
+  /** free pool slots (in pop order) */
+  freeSlots: number[];
+  /** bytes per pool buffer */
+  bufferSize: number;
+}
+
+function tokenSnapshot(t: unknown, queue: number): TokenSnapshot {
+  if (t instanceof PoolBuffer)
+    return { kind: "pool", slot: t.slot, gpa: t.gpa, receive: t.receive };
+  if (t === undefined) return { kind: "none" };
+  if (t === null || typeof t === "string" || typeof t === "number" || typeof t === "boolean") {
+    return { kind: "value", value: t };
+  }
+  throw new RangeError(`queue ${queue}: a buffer token of type ${typeof t} cannot be migrated`);
+}
+
+function tokenFromSnapshot(t: TokenSnapshot): unknown {
+  if (t.kind === "pool") return new PoolBuffer(t.slot, t.gpa as Gpa, t.receive);
+  if (t.kind === "value") return t.value;
+  return undefined;
 }
 
 interface Outstanding {
@@ -288,6 +345,7 @@ export class FrontendQueue extends EventEmitter {
   kick(): boolean {
     this.#checkLive("kick");
     const need = this.#driver.kick();
+    if (this.#ram.tracking) this.markRingDirty();
     if (need) {
       if (this.stopped) return need;
       if (this.#kickFd >= 0) {
@@ -635,6 +693,114 @@ export class FrontendQueue extends EventEmitter {
       this.#outstanding.set(id, o);
     }
     if (keep.length > 0) this.#driver.kick();
+  }
+
+  // --- migration -------------------------------------------------------------------
+
+  /**
+   * Take every used buffer from the ring into the ready list (after GET_VRING_BASE, so that the
+   * driver's view ends where the device's does).
+   * @returns the number of buffers ready
+   */
+  collectUsed(): number {
+    this.#checkLive("collectUsed");
+    this.#pullAll();
+    return this.#ready.length;
+  }
+
+  /**
+   * Mark the pages of the ring's driver-written parts (descriptors, available ring / driver
+   * event area, indirect tables) dirty in the RAM's own tracker.
+   */
+  markRingDirty(): void {
+    const sizes = this.packed ? packedRingSizes(this.size) : splitRingSizes(this.size);
+    const availBytes = "avail" in sizes ? sizes.avail : sizes.driverEvent;
+    this.#ram.markDirty(this.ring.desc, sizes.desc);
+    this.#ram.markDirty(this.ring.avail, availBytes);
+    if (this.ring.indirectTable !== null) {
+      this.#ram.markDirty(this.ring.indirectTable, this.size * 16 * 16);
+    }
+  }
+
+  /**
+   * The driver-side state for a migration (see {@link DriverSnapshot}); call {@link collectUsed}
+   * first so that no used buffer is left in the ring.
+   * @returns a JSON-safe snapshot
+   * @throws RangeError when a buffer token is neither a pool buffer nor a plain value
+   */
+  snapshot(): DriverSnapshot {
+    this.#checkLive("snapshot");
+    const seg = (s: Segment): { gpa: number; len: number; writable: boolean } => ({
+      gpa: s.gpa,
+      len: s.len,
+      writable: s.writable === true,
+    });
+    return {
+      index: this.index,
+      size: this.size,
+      packed: this.packed,
+      eventIdx: this.eventIdx,
+      indirect: this.indirect,
+      ring: {
+        desc: this.ring.desc,
+        avail: this.ring.avail,
+        used: this.ring.used,
+        indirectTable: this.ring.indirectTable,
+      },
+      lastUsedIdx: this.lastUsedIdx ?? 0,
+      outstanding: [...this.#outstanding.values()].map((o) => ({
+        segments: o.segments.map(seg),
+        token: tokenSnapshot(o.token, this.index),
+      })),
+      ready: this.#ready.map((u) => ({
+        id: u.id,
+        len: u.len,
+        token: tokenSnapshot(u.token, this.index),
+      })),
+      pool: this.#pool,
+      freeSlots: this.#freeSlots.slice(),
+      bufferSize: this.bufferSize,
+    };
+  }
+
+  /**
+   * Load a snapshot into a queue freshly built over the same ring addresses (destination of a
+   * migration): the ring was initialised at the snapshot's last used index (split) or at
+   * position 0 (packed); the outstanding buffers are made available again in their order and
+   * published without a kick, the pool and the ready list are restored (receive data re-read
+   * from guest RAM).
+   * @param snap the source's snapshot
+   * @throws Error when the queue is not fresh or a buffer cannot be added back
+   */
+  restoreSnapshot(snap: DriverSnapshot): void {
+    this.#checkLive("restoreSnapshot");
+    if (this.#outstanding.size > 0 || this.#ready.length > 0) {
+      throw new Error(`queue ${this.index}: restoreSnapshot needs a fresh queue`);
+    }
+    for (const o of snap.outstanding) {
+      const segments: Segment[] = o.segments.map((s) => ({
+        gpa: s.gpa as Gpa,
+        len: s.len,
+        writable: s.writable,
+      }));
+      const token = tokenFromSnapshot(o.token);
+      const id = this.#driver.add(segments, token);
+      if (id === null) {
+        throw new Error(`queue ${this.index}: restoreSnapshot could not add back a buffer`);
+      }
+      this.#outstanding.set(id, { segments, token });
+    }
+    if (snap.outstanding.length > 0) this.#driver.kick();
+    this.#pool = snap.pool === null ? null : (snap.pool as Gpa);
+    this.#freeSlots = snap.freeSlots.slice();
+    for (const r of snap.ready) {
+      const token = tokenFromSnapshot(r.token);
+      let data: Uint8Array | null = null;
+      if (token instanceof PoolBuffer && token.receive) {
+        data = this.#ram.read(token.gpa, Math.min(r.len, this.bufferSize));
+      }
+      this.#ready.push({ id: r.id, len: r.len, token, data });
+    }
   }
 
   /** Stop watching and close the eventfds. Idempotent. */

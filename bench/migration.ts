@@ -1,0 +1,303 @@
+/**
+ * Benchmark of a front-end-driven live migration: downtime and total time for a device with
+ * 1 GiB of guest RAM (a part of it filled with data) under echo traffic, moved between two
+ * vhostkit back-ends (NetTestDevice echo with a saveState, in this process) and between two
+ * DPDK testpmd vhost PMDs (io forwarding, dirty log only); then the device-state transfer
+ * throughput over SET_DEVICE_STATE_FD (SAVE and LOAD) for a large state. Prints, asserts
+ * nothing.
+ *
+ * Where QEMU can run, the same RAM size is migrated by QEMU 7.2 (TCG, an idle guest attached to
+ * two testpmd vhost PMDs) and QEMU's own downtime and total time are printed alongside
+ * (`--no-qemu` skips it).
+ *
+ * usage: node dist/bench/migration.js [--mem 1G] [--fill 256M] [--backends vhostkit,dpdk]
+ *        [--state 64M] [--repeat 1] [--no-qemu]
+ */
+import { mkdtempSync, rmSync } from "node:fs";
+import { createConnection, createServer } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { performance } from "node:perf_hooks";
+
+import { serveBackend } from "../src/backend/server.js";
+import { NetTestDevice } from "../src/devices/net-test-device.js";
+import { VhostUserFrontend } from "../src/frontend/frontend.js";
+import { GuestRam } from "../src/frontend/guest-ram.js";
+import { loadBackendState, saveBackendState } from "../src/frontend/migration.js";
+import { SeqTrafficGuest, migrateSource, receiveMigration } from "../src/orchestrator/index.js";
+import type { IncomingResult, MigrationResult } from "../src/orchestrator/index.js";
+import { freeTcpPort, startGuest } from "../test/peers/qemu.js";
+import type { Guest } from "../test/peers/qemu.js";
+import { startTestpmd } from "../test/peers/testpmd.js";
+import type { Testpmd } from "../test/peers/testpmd.js";
+
+function size(text: string): number {
+  const m = /^(\d+)([kKmMgG]?)$/.exec(text);
+  if (!m) throw new Error(`bad size ${text}`);
+  const mult = { "": 1, k: 1 << 10, m: 1 << 20, g: 1 << 30 }[(m[2] as string).toLowerCase()] ?? 1;
+  return Number(m[1]) * mult;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** An echo device whose state is its counters plus `extra` bytes of opaque data. */
+class StatefulEcho extends NetTestDevice {
+  extra: Uint8Array = new Uint8Array(0);
+  loaded = 0;
+  constructor() {
+    super({ mode: "echo" });
+  }
+  saveState(): Uint8Array {
+    const head = Buffer.from(JSON.stringify(this.counters[0]));
+    const out = new Uint8Array(4 + head.length + this.extra.length);
+    new DataView(out.buffer).setUint32(0, head.length);
+    out.set(head, 4);
+    out.set(this.extra, 4 + head.length);
+    return out;
+  }
+  loadState(data: Uint8Array): void {
+    const n = new DataView(data.buffer, data.byteOffset, data.length).getUint32(0);
+    JSON.parse(Buffer.from(data.subarray(4, 4 + n)).toString());
+    this.loaded = data.length;
+  }
+}
+
+interface Ends {
+  pathA: string;
+  pathB: string;
+  close(): Promise<void>;
+}
+
+async function vhostkitEnds(dir: string): Promise<Ends> {
+  const a = serveBackend(new StatefulEcho(), { path: join(dir, "a.sock") });
+  const b = serveBackend(new StatefulEcho(), { path: join(dir, "b.sock") });
+  return {
+    pathA: join(dir, "a.sock"),
+    pathB: join(dir, "b.sock"),
+    close: async () => {
+      a.close();
+      b.close();
+    },
+  };
+}
+
+async function dpdkEnds(dir: string): Promise<Ends & { tps: Testpmd[] }> {
+  const common = { forwardMode: "io" as const, extraAppArgs: ["--port-topology=loop"] };
+  const tps = await Promise.all([
+    startTestpmd({
+      ...common,
+      vdev: { kind: "vhost", iface: join(dir, "a.sock") },
+      forwardLcore: 0,
+      name: "bm-a",
+    }),
+    startTestpmd({
+      ...common,
+      vdev: { kind: "vhost", iface: join(dir, "b.sock") },
+      forwardLcore: 1,
+      name: "bm-b",
+    }),
+  ]);
+  await Promise.all(tps.map((t) => t.ready()));
+  return {
+    tps,
+    pathA: join(dir, "a.sock"),
+    pathB: join(dir, "b.sock"),
+    close: async () => {
+      for (const t of tps) await t.close();
+    },
+  };
+}
+
+async function oneMigration(
+  kind: string,
+  mem: number,
+  fill: number,
+): Promise<{ res: MigrationResult; echoesBefore: number; echoesAfter: number }> {
+  const dir = mkdtempSync(join(tmpdir(), "vk-bench-mig-"));
+  const ends = kind === "dpdk" ? await dpdkEnds(dir) : await vhostkitEnds(dir);
+  const fe = await VhostUserFrontend.connect(ends.pathA);
+  const ram = GuestRam.create({ size: mem, name: "bench-mig" });
+  let dst: IncomingResult | null = null;
+  const server = createServer({ noDelay: true });
+  try {
+    await fe.negotiate();
+    await fe.start(ram, [256, 256]);
+    const chunk = new Uint8Array(1 << 20);
+    for (let off = 0; off < fill; off += chunk.length) {
+      for (let i = 0; i < chunk.length; i += 64) chunk[i] = (off + i) & 0xff || 1;
+      ram.write(ram.alloc(chunk.length, 4096), chunk);
+    }
+    if ("tps" in ends) {
+      const [a] = ends.tps as [Testpmd, Testpmd];
+      await a.waitLinkUp();
+      await a.start();
+    }
+    const gen = new SeqTrafficGuest(fe, { burst: 32 });
+    gen.start();
+    await sleep(500);
+    const echoesBefore = gen.received;
+    let incoming: Promise<IncomingResult> | null = null;
+    server.on("connection", (s: Socket) => {
+      incoming = receiveMigration({
+        stream: s,
+        connectBackend: () => VhostUserFrontend.connect(ends.pathB),
+      });
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as AddressInfo).port;
+    const stream = await new Promise<Socket>((resolve, reject) => {
+      const s = createConnection({ host: "127.0.0.1", port, noDelay: true }, () => resolve(s));
+      s.once("error", reject);
+    });
+    const res = await migrateSource({
+      frontend: fe,
+      stream,
+      guest: gen,
+      deviceFields: new Uint8Array([2, 0, 0, 0, 0, 1]),
+    });
+    gen.stop();
+    dst = await (incoming as unknown as Promise<IncomingResult>);
+    if ("tps" in ends) {
+      const [, b] = ends.tps as [Testpmd, Testpmd];
+      await b.waitLinkUp();
+      await b.start();
+    }
+    const gen2 = SeqTrafficGuest.restore(dst.frontend, dst.guestState ?? new Uint8Array());
+    gen2.start();
+    await sleep(300);
+    gen2.stop();
+    return { res, echoesBefore, echoesAfter: gen2.received };
+  } finally {
+    server.close();
+    fe.close();
+    dst?.frontend.close();
+    dst?.ram.close();
+    ram.close();
+    await ends.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * QEMU 7.2 (TCG) migrating a guest with the same RAM size, attached to two testpmd vhost PMDs
+ * (the comparable migration; QEMU reports its own downtime and total time).
+ */
+async function qemuMigration(memMiB: number): Promise<{ downtimeMs: number; totalMs: number }> {
+  const dir = mkdtempSync(join(tmpdir(), "vk-bench-qemu-"));
+  const ends = await dpdkEnds(dir);
+  const guests: Guest[] = [];
+  try {
+    const nic = { mode: "client" as const, guestAnnounceOff: true };
+    const src = await startGuest({
+      name: "bm-src",
+      memMiB,
+      nics: [{ socketPath: ends.pathA, ...nic }],
+    });
+    guests.push(src);
+    const port = await freeTcpPort();
+    const dst = await startGuest({
+      name: "bm-dst",
+      memMiB,
+      incoming: `tcp:127.0.0.1:${port}`,
+      nics: [{ socketPath: ends.pathB, ...nic }],
+    });
+    guests.push(dst);
+    await src.ready(90_000);
+    await dst.waitStatus("inmigrate", 30_000);
+    const info = await src.migrate(`tcp:127.0.0.1:${port}`, 120_000);
+    return { downtimeMs: info.downtimeMs ?? NaN, totalMs: info.totalTimeMs ?? NaN };
+  } finally {
+    for (const g of guests) await g.kill();
+    await ends.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function stateThroughput(bytes: number): Promise<{ saveMBs: number; loadMBs: number }> {
+  const dir = mkdtempSync(join(tmpdir(), "vk-bench-state-"));
+  const dev = new StatefulEcho();
+  dev.extra = new Uint8Array(bytes).fill(0x5a);
+  const srv = serveBackend(dev, { path: join(dir, "s.sock"), maxStateBytes: bytes * 2 });
+  const fe = await VhostUserFrontend.connect(join(dir, "s.sock"));
+  const ram = GuestRam.create({ size: 4 << 20 });
+  try {
+    await fe.negotiate();
+    await fe.start(ram, [256, 256]);
+    for (const i of [0, 1]) await fe.stopQueue(i);
+    let t = performance.now();
+    const data = await saveBackendState(fe, { maxBytes: bytes + (1 << 20) });
+    const saveMs = performance.now() - t;
+    t = performance.now();
+    await loadBackendState(fe, data);
+    const loadMs = performance.now() - t;
+    return {
+      saveMBs: data.length / 1048576 / (saveMs / 1000),
+      loadMBs: data.length / 1048576 / (loadMs / 1000),
+    };
+  } finally {
+    fe.close();
+    ram.close();
+    srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      mem: { type: "string", default: "1G" },
+      fill: { type: "string", default: "256M" },
+      backends: { type: "string", default: "vhostkit,dpdk" },
+      state: { type: "string", default: "64M" },
+      repeat: { type: "string", default: "1" },
+    },
+    args: process.argv.slice(2).filter((a) => a !== "--no-qemu"),
+  });
+  const qemu = !process.argv.includes("--no-qemu");
+  const mem = size(values.mem);
+  const fill = size(values.fill);
+  const repeat = Number(values.repeat);
+  console.log(
+    `guest RAM ${mem / 1048576} MiB (${fill / 1048576} MiB of data), echo traffic during the migration`,
+  );
+  console.log(
+    "backend   downtime(ms)  total(ms)  iterations  pages     zero      final  stream(MiB)  state(B)",
+  );
+  for (let r = 0; r < repeat; r++) {
+    for (const kind of values.backends.split(",")) {
+      const { res } = await oneMigration(kind, mem, fill);
+      console.log(
+        `${kind.padEnd(9)} ${res.downtimeMs.toFixed(1).padStart(12)} ${res.totalMs.toFixed(0).padStart(10)} ` +
+          `${String(res.iterations).padStart(11)} ${String(res.pagesSent).padStart(9)} ` +
+          `${String(res.zeroPages).padStart(9)} ${String(res.finalPages).padStart(6)} ` +
+          `${(res.bytesSent / 1048576).toFixed(1).padStart(12)} ${String(res.backendStateBytes).padStart(9)}`,
+      );
+    }
+  }
+  if (qemu) {
+    try {
+      const q = await qemuMigration(mem / 1048576);
+      console.log(
+        `qemu+dpdk ${q.downtimeMs.toFixed(1).padStart(12)} ${q.totalMs.toFixed(0).padStart(10)}` +
+          "   (QEMU 7.2 TCG's own figures, same RAM size, guest idle, testpmd back-ends)",
+      );
+    } catch (err) {
+      console.log(`qemu+dpdk: not run (${(err as Error).message.split("\n")[0] ?? ""})`);
+    }
+  }
+  const st = size(values.state);
+  const tp = await stateThroughput(st);
+  console.log(
+    `device state over SET_DEVICE_STATE_FD, ${st / 1048576} MiB: SAVE ${tp.saveMBs.toFixed(0)} MiB/s, ` +
+      `LOAD ${tp.loadMBs.toFixed(0)} MiB/s`,
+  );
+}
+
+main().catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});

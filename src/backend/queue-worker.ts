@@ -1,0 +1,453 @@
+/**
+ * The worker-thread side of a worker ring (see `worker-queue.ts`): maps the guest memory from
+ * dup'ed fds, builds the device-side ring at the given base, watches the kick fd, runs the
+ * handler module and signals the call fd. Started only by {@link QueueWorker}.
+ */
+import { parentPort, workerData } from "node:worker_threads";
+import { native, POLL_READABLE } from "../native.js";
+import type { FdWatcher } from "../native.js";
+import { GuestMemory } from "../memory/guest-memory.js";
+import type { Region } from "../memory/guest-memory.js";
+import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
+import type { Gpa } from "../memory/address.js";
+import { mapRegion, unmapRegion } from "../memory/mapping.js";
+import { SplitDeviceQueue } from "../virtq/split.js";
+import { PackedDeviceQueue } from "../virtq/packed.js";
+import type { DescChain, DeviceQueue, QueueBase } from "../virtq/types.js";
+import type { BackendQueue } from "./device.js";
+import type {
+  CreateQueueHandler,
+  FromWorker,
+  ToWorker,
+  WorkerInit,
+  WorkerQueueHandler,
+  WorkerRegionInit,
+  WorkerRingAddresses,
+} from "./worker-queue.js";
+
+/** Map every region (closing the worker's dups), all or nothing. */
+function mapAll(regions: WorkerRegionInit[]): Region[] {
+  const mapped: Region[] = [];
+  try {
+    for (const r of regions) {
+      mapped.push(
+        mapRegion(r.fd, {
+          gpa: toGpa(r.gpa),
+          size: r.size,
+          uaddr: toUaddr(r.uaddr),
+          mmapOffset: toMmapOffset(r.mmapOffset),
+        }),
+      );
+    }
+    return mapped;
+  } catch (err) {
+    for (const m of mapped) unmapRegion(m);
+    throw err;
+  } finally {
+    for (const r of regions) native.close(r.fd);
+  }
+}
+
+/** The ring as the handler sees it: the same contract as the main thread's queues. */
+class WorkerRing implements BackendQueue {
+  readonly index: number;
+  readonly size: number;
+  started = true;
+  enabled: boolean;
+  queue: DeviceQueue;
+  memory: GuestMemory;
+  callFd: number;
+  calls = 0;
+  /** chains popped so far (tells the poller whether a turn found work) */
+  pops = 0;
+  broken: string | null = null;
+
+  constructor(init: WorkerInit, queue: DeviceQueue, memory: GuestMemory) {
+    this.index = init.index;
+    this.size = init.size;
+    this.enabled = init.enabled;
+    this.queue = queue;
+    this.memory = memory;
+    this.callFd = init.callFd;
+  }
+
+  pop(): DescChain | null {
+    if (this.broken !== null) return null;
+    try {
+      const chain = this.queue.pop();
+      if (chain !== null) this.pops++;
+      return chain;
+    } catch (err) {
+      this.broken = err instanceof Error ? err.message : String(err);
+      return null;
+    }
+  }
+
+  pushUsed(chain: DescChain, written: number): void {
+    if (this.broken !== null) return;
+    try {
+      this.queue.pushUsed(chain, written);
+    } catch (err) {
+      this.broken = err instanceof Error ? err.message : String(err);
+    }
+  }
+
+  flush(): void {
+    if (this.broken !== null) return;
+    let notify: boolean;
+    try {
+      notify = this.queue.publish();
+    } catch (err) {
+      this.broken = err instanceof Error ? err.message : String(err);
+      return;
+    }
+    if (notify && this.callFd >= 0) {
+      this.calls++;
+      native.eventfdWrite(this.callFd, 1);
+    }
+  }
+
+  read(chain: DescChain, dst: Uint8Array, offset = 0): number {
+    const mem = this.memory;
+    let copied = 0;
+    let skip = offset;
+    for (const seg of chain.readable) {
+      if (copied >= dst.length) break;
+      if (skip >= seg.len) {
+        skip -= seg.len;
+        continue;
+      }
+      const n = Math.min(seg.len - skip, dst.length - copied);
+      mem.read((seg.gpa + skip) as Gpa, dst.subarray(copied, copied + n));
+      copied += n;
+      skip = 0;
+    }
+    return copied;
+  }
+
+  write(chain: DescChain, src: Uint8Array, offset = 0): number {
+    const mem = this.memory;
+    let copied = 0;
+    let skip = offset;
+    for (const seg of chain.writable) {
+      if (copied >= src.length) break;
+      if (skip >= seg.len) {
+        skip -= seg.len;
+        continue;
+      }
+      const n = Math.min(seg.len - skip, src.length - copied);
+      const g = (seg.gpa + skip) as Gpa;
+      const part = n === src.length ? src : src.subarray(copied, copied + n);
+      const r = mem.tryRegionFor(g, n);
+      if (r !== null) {
+        // Fast path: one region; LIFETIME: r.bytes is used at once and not kept.
+        r.bytes.set(part, g - r.gpa);
+        const log = mem.log;
+        if (log !== null) log.mark(g, n);
+      } else {
+        mem.write(g, part);
+      }
+      copied += n;
+      skip = 0;
+    }
+    return copied;
+  }
+}
+
+function buildQueue(
+  init: WorkerInit,
+  mem: GuestMemory,
+  ring: WorkerRingAddresses,
+  base: QueueBase,
+): DeviceQueue {
+  if (init.packed) {
+    return new PackedDeviceQueue(mem, {
+      size: init.size,
+      desc: toGpa(ring.desc),
+      driverEvent: toGpa(ring.avail),
+      deviceEvent: toGpa(ring.used),
+      eventIdx: init.eventIdx,
+      indirect: init.indirect,
+      base: {
+        availIdx: base.availIdx,
+        availWrap: base.availWrap ?? true,
+        usedIdx: base.usedIdx ?? base.availIdx,
+        usedWrap: base.usedWrap ?? base.availWrap ?? true,
+      },
+      usedLog: null,
+      index: init.index,
+    });
+  }
+  return new SplitDeviceQueue(mem, {
+    size: init.size,
+    desc: toGpa(ring.desc),
+    avail: toGpa(ring.avail),
+    used: toGpa(ring.used),
+    eventIdx: init.eventIdx,
+    indirect: init.indirect,
+    lastAvailIdx: base.availIdx,
+    usedLog: null,
+    index: init.index,
+  });
+}
+
+/** The worker's state machine; one per thread. */
+class RingWorker {
+  readonly #init: WorkerInit;
+  readonly #port: NonNullable<typeof parentPort>;
+  #regions: Region[] = [];
+  #ring: WorkerRing | null = null;
+  #handler: WorkerQueueHandler | null = null;
+  #kickFd: number;
+  #watcher: FdWatcher | null = null;
+  #pollTimer: NodeJS.Timeout | null = null;
+  #scheduled = false;
+  #kicks = 0;
+  #ended = false;
+  #pending: ToWorker[] = [];
+  #ready = false;
+  #spinning = false;
+  #idleTurns = 0;
+
+  constructor(init: WorkerInit, port: NonNullable<typeof parentPort>) {
+    this.#init = init;
+    this.#port = port;
+    this.#kickFd = init.kickFd;
+    port.on("message", (m: ToWorker) => {
+      if (this.#ready) this.#onMessage(m);
+      else this.#pending.push(m);
+    });
+  }
+
+  #post(m: FromWorker): void {
+    this.#port.postMessage(m);
+  }
+
+  async start(): Promise<void> {
+    const init = this.#init;
+    try {
+      this.#regions = mapAll(init.regions);
+      const mem = new GuestMemory(this.#regions);
+      const queue = buildQueue(init, mem, init.ring, init.base);
+      this.#ring = new WorkerRing(init, queue, mem);
+      const mod = (await import(init.module)) as { createQueueHandler?: CreateQueueHandler };
+      if (typeof mod.createQueueHandler !== "function") {
+        throw new Error(`module ${init.module} does not export createQueueHandler`);
+      }
+      this.#handler = mod.createQueueHandler({
+        index: init.index,
+        options: init.options,
+        counters: init.counters,
+      });
+    } catch (err) {
+      this.#break(err instanceof Error ? err.message : String(err));
+      for (const m of this.#pending) this.#closeFdsOf(m);
+      return;
+    }
+    this.#watchKick();
+    this.#ready = true;
+    this.#post({ type: "started" });
+    const pending = this.#pending;
+    this.#pending = [];
+    for (const m of pending) this.#onMessage(m);
+    this.#run();
+  }
+
+  #closeFdsOf(m: ToWorker): void {
+    if ((m.type === "call" || m.type === "kick") && m.fd >= 0) native.close(m.fd);
+    if (m.type === "remap") for (const r of m.regions) native.close(r.fd);
+  }
+
+  #onMessage(m: ToWorker): void {
+    if (this.#ended) {
+      this.#closeFdsOf(m);
+      return;
+    }
+    const ring = this.#ring!;
+    switch (m.type) {
+      case "enable":
+        ring.enabled = m.enabled;
+        this.#schedule();
+        return;
+      case "call":
+        if (ring.callFd >= 0) native.close(ring.callFd);
+        ring.callFd = m.fd;
+        return;
+      case "kick":
+        this.#unwatchKick();
+        if (this.#kickFd >= 0) native.close(this.#kickFd);
+        this.#kickFd = m.fd;
+        this.#watchKick();
+        this.#schedule();
+        return;
+      case "poke":
+        this.#schedule();
+        return;
+      case "remap":
+        this.#remap(m.regions, m.ring);
+        return;
+      case "stop":
+        this.#stop();
+        return;
+    }
+  }
+
+  #remap(regions: WorkerRegionInit[], addrs: WorkerRingAddresses): void {
+    const ring = this.#ring!;
+    let mapped: Region[];
+    try {
+      mapped = mapAll(regions);
+    } catch (err) {
+      this.#break(`remap: ${err instanceof Error ? err.message : String(err)}`);
+      return;
+    }
+    const old = this.#regions;
+    try {
+      const mem = new GuestMemory(mapped);
+      // LIFETIME: the ring is rebuilt over the new mappings before the old ones are unmapped.
+      ring.queue = buildQueue(this.#init, mem, addrs, ring.queue.getBase());
+      if (this.#spinning) ring.queue.setNotification(false);
+      ring.memory = mem;
+      this.#regions = mapped;
+    } catch (err) {
+      for (const r of mapped) unmapRegion(r);
+      this.#break(`remap: ${err instanceof Error ? err.message : String(err)}`);
+      return;
+    }
+    for (const r of old) unmapRegion(r);
+    this.#post({ type: "remapped" });
+    this.#schedule();
+  }
+
+  #stop(): void {
+    const ring = this.#ring!;
+    // The handler is synchronous: between turns nothing is in flight.
+    ring.flush();
+    // The next start (main thread or a new worker) relies on kicks: ask for them again.
+    this.#endSpin();
+    const base = ring.queue.getBase();
+    this.#post({ type: "stopped", base, kicks: this.#kicks, calls: ring.calls });
+    this.#release();
+  }
+
+  #break(reason: string): void {
+    let base: QueueBase | null = null;
+    try {
+      base = this.#ring?.queue.getBase() ?? null;
+    } catch {
+      base = null;
+    }
+    this.#post({ type: "broken", reason, base });
+    this.#release();
+  }
+
+  /** Unmap, close every fd, stop watching: the thread then ends by itself. */
+  #release(): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#unwatchKick();
+    if (this.#kickFd >= 0) native.close(this.#kickFd);
+    this.#kickFd = -1;
+    const ring = this.#ring;
+    if (ring) {
+      ring.started = false;
+      if (ring.callFd >= 0) native.close(ring.callFd);
+      ring.callFd = -1;
+    }
+    for (const r of this.#regions) unmapRegion(r);
+    this.#regions = [];
+    this.#port.close();
+  }
+
+  #watchKick(): void {
+    if (this.#kickFd >= 0) {
+      const w = new native.FdWatcher(this.#kickFd, (_events, error) => {
+        if (error) {
+          this.#unwatchKick();
+          return;
+        }
+        try {
+          native.eventfdRead(this.#kickFd);
+        } catch {
+          // not an eventfd: the readiness is the kick
+        }
+        this.#kicks++;
+        this.#run();
+      });
+      w.start(POLL_READABLE);
+      this.#watcher = w;
+    } else {
+      this.#pollTimer = setInterval(() => this.#run(), 1);
+    }
+  }
+
+  #unwatchKick(): void {
+    this.#watcher?.close();
+    this.#watcher = null;
+    if (this.#pollTimer) clearInterval(this.#pollTimer);
+    this.#pollTimer = null;
+  }
+
+  #schedule(): void {
+    if (this.#scheduled || this.#ended) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      this.#run();
+    });
+  }
+
+  /** Stop polling and ask the driver for kicks again. */
+  #endSpin(): void {
+    if (!this.#spinning) return;
+    this.#spinning = false;
+    try {
+      this.#ring?.queue.setNotification(true);
+    } catch {
+      // memory gone
+    }
+  }
+
+  #run(): void {
+    const ring = this.#ring;
+    if (this.#ended || !ring || !this.#handler) return;
+    const before = ring.pops;
+    let more: boolean | void = false;
+    try {
+      more = this.#handler.process(ring);
+    } catch (err) {
+      ring.broken ??= `device error: ${err instanceof Error ? err.message : String(err)}`;
+    }
+    ring.flush();
+    if (ring.broken !== null) {
+      this.#break(ring.broken);
+      return;
+    }
+    if (more === true) this.#schedule();
+    // Adaptive polling, as on the main thread (see `Vring`): while turns find work, keep
+    // polling with driver notifications suppressed; after `pollTurns` idle turns, ask for
+    // kicks again and look once more.
+    const turns = this.#init.pollTurns;
+    if (turns <= 0) return;
+    if (ring.pops !== before) {
+      this.#idleTurns = 0;
+      if (!this.#spinning) {
+        this.#spinning = true;
+        ring.queue.setNotification(false);
+      }
+      this.#schedule();
+    } else if (this.#spinning) {
+      if (++this.#idleTurns >= turns) {
+        this.#endSpin();
+        // ORDERING: notifications were re-enabled (seq-cst store) before this look at the ring.
+        if (ring.queue.hasAvailable()) this.#schedule();
+      } else {
+        this.#schedule();
+      }
+    }
+  }
+}
+
+if (parentPort !== null) {
+  void new RingWorker(workerData as WorkerInit, parentPort).start();
+}

@@ -1,0 +1,425 @@
+/**
+ * `vhostkit switch`: a virtual Ethernet switch whose ports are vhost-user-net sockets (one VM
+ * each) and host uplinks (TAP, VXLAN), with a control socket serving statistics.
+ *
+ * It logs to stderr who connected, what was negotiated and why a port failed; once every port
+ * is serving it writes the line `vhostkit switch: ready`. SIGINT and SIGTERM close every port
+ * and uplink and remove the sockets it created.
+ */
+import { mkdirSync, lstatSync, unlinkSync } from "node:fs";
+import { createConnection, createServer } from "node:net";
+import type { Server } from "node:net";
+import { dirname } from "node:path";
+import { parseArgs } from "node:util";
+import type { Logger } from "../backend/device.js";
+import { Switch } from "../net/switch.js";
+import { addVhostUserPort, describeNetFeatures, MAX_QUEUE_PAIRS } from "../net/virtio-net.js";
+import type { VhostUserPort } from "../net/virtio-net.js";
+import { formatMac, parseMac } from "../net/frame.js";
+import { ExitCode, UsageError, controlPathFor, defaultSocketPath, stderrLogger } from "./common.js";
+import type { CliIo, StatsSnapshot } from "./common.js";
+
+/** The line written to stderr once every port is serving (tests wait for it). */
+export const READY_LINE = "vhostkit switch: ready";
+
+/** Usage text of `vhostkit switch`. */
+export const SWITCH_USAGE = `usage: vhostkit switch [options]
+
+Serve a virtual Ethernet switch: each --socket is a vhost-user-net port for one VM.
+With no --socket it serves one port at $XDG_RUNTIME_DIR/vhostkit/vm0.sock (or
+/tmp/vhostkit/vm0.sock) and prints the QEMU command line that attaches a VM to it.
+
+options:
+  --socket PATH     serve a vhost-user port on PATH (repeatable, one port each)
+  --client          connect to the sockets (QEMU -chardev ...,server=on) instead of
+                    listening; reconnect when QEMU goes away
+  --queues N        queue pairs per port, 1..${MAX_QUEUE_PAIRS} (default 1; QEMU: queues=N, mq=on)
+  --mac MAC         the guest MAC of each port, in --socket order (repeatable, optional)
+  --mtu N           offer VIRTIO_NET_F_MTU with this MTU, 68..65535 (QEMU: host_mtu=N)
+  --uplink SPEC     tap:NAME, or vxlan:vni=N,local=ADDR,remote=ADDR[,remote=...][,port=P]
+                    [,dstport=P][,dev=IFNAME] (repeatable)
+  --control PATH    statistics socket for \`vhostkit stats\` (default: <first socket>.ctl)
+  --ageing SECONDS  forget a MAC not seen for this long (default 300)
+  --print-qemu      print the QEMU command line for every port
+  --verbose         debug logs
+  --help            this text
+`;
+
+/** What the command line of `vhostkit switch` asks for. */
+export interface SwitchCommandOptions {
+  sockets: string[];
+  /** true when no --socket was given (the default port) */
+  defaultPort: boolean;
+  client: boolean;
+  queues: number;
+  /** one per socket, or fewer (the rest have none) */
+  macs: string[];
+  /** the MTU offered to the guests, or null (no VIRTIO_NET_F_MTU) */
+  mtu: number | null;
+  uplinks: string[];
+  control: string;
+  ageingMs: number;
+  printQemu: boolean;
+  verbose: boolean;
+  help: boolean;
+}
+
+function isParseArgsError(err: unknown): err is Error & { code: string } {
+  if (!(err instanceof Error)) return false;
+  const code: unknown = (err as Error & { code?: unknown }).code;
+  return typeof code === "string" && code.startsWith("ERR_PARSE_ARGS");
+}
+
+/**
+ * Parse the arguments of `vhostkit switch`.
+ * @param argv the arguments after `switch`
+ * @param env the environment (for the default socket path)
+ * @returns the options
+ * @throws UsageError naming the option and the value
+ */
+export function parseSwitchArgs(
+  argv: string[],
+  env: Readonly<Record<string, string | undefined>>,
+): SwitchCommandOptions {
+  let v;
+  try {
+    v = parseArgs({
+      args: argv,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        socket: { type: "string", multiple: true },
+        client: { type: "boolean" },
+        queues: { type: "string" },
+        mac: { type: "string", multiple: true },
+        mtu: { type: "string" },
+        uplink: { type: "string", multiple: true },
+        control: { type: "string" },
+        ageing: { type: "string" },
+        "print-qemu": { type: "boolean" },
+        verbose: { type: "boolean", short: "v" },
+        help: { type: "boolean", short: "h" },
+      },
+    }).values;
+  } catch (err) {
+    if (isParseArgsError(err)) throw new UsageError(err.message);
+    throw err;
+  }
+  const given = v.socket ?? [];
+  for (const s of given) if (s === "") throw new UsageError("--socket: empty path");
+  const dup = given.find((s, i) => given.indexOf(s) !== i);
+  if (dup !== undefined) throw new UsageError(`--socket ${dup} given twice`);
+  const sockets = given.length > 0 ? given : [defaultSocketPath(env)];
+  const qText = v.queues ?? "1";
+  if (!/^\d+$/.test(qText) || Number(qText) < 1 || Number(qText) > MAX_QUEUE_PAIRS) {
+    throw new UsageError(`--queues must be an integer in 1..${MAX_QUEUE_PAIRS} (got ${qText})`);
+  }
+  const macs = v.mac ?? [];
+  if (macs.length > sockets.length) {
+    throw new UsageError(`${macs.length} --mac for ${sockets.length} --socket`);
+  }
+  for (const m of macs) {
+    let bytes: Uint8Array;
+    try {
+      bytes = parseMac(m);
+    } catch {
+      throw new UsageError(`--mac ${m}: not a MAC address (like 52:54:00:12:34:56)`);
+    }
+    if (((bytes[0] as number) & 1) !== 0) throw new UsageError(`--mac ${m}: a multicast MAC`);
+  }
+  const mText = v.mtu;
+  if (
+    mText !== undefined &&
+    (!/^\d+$/.test(mText) || Number(mText) < 68 || Number(mText) > 65535)
+  ) {
+    throw new UsageError(`--mtu must be an integer in 68..65535 (got ${mText})`);
+  }
+  const aText = v.ageing ?? "300";
+  if (!/^\d+(\.\d+)?$/.test(aText) || !(Number(aText) > 0)) {
+    throw new UsageError(`--ageing must be a positive number of seconds (got ${aText})`);
+  }
+  if (v.control === "") throw new UsageError("--control: empty path");
+  return {
+    sockets,
+    defaultPort: given.length === 0,
+    client: v.client ?? false,
+    queues: Number(qText),
+    macs: macs.map((m) => formatMac(parseMac(m))),
+    mtu: mText === undefined ? null : Number(mText),
+    uplinks: v.uplink ?? [],
+    control: v.control ?? controlPathFor(sockets[0] as string),
+    ageingMs: Math.round(Number(aText) * 1000),
+    printQemu: v["print-qemu"] ?? false,
+    verbose: v.verbose ?? false,
+    help: v.help ?? false,
+  };
+}
+
+/**
+ * The QEMU command line that attaches a VM to a port: guest RAM in a shared memfd (vhost-user
+ * needs the back-end to map it), a socket chardev, a vhost-user netdev and a virtio-net-pci
+ * device (with `mq=on` and enough vectors for several queue pairs).
+ * @param o the port's socket, mode (client: QEMU must listen), queue pairs and MAC; `id`
+ *   numbers the QEMU objects
+ * @returns the command line, one option per line
+ */
+export function qemuCommandLine(o: {
+  socket: string;
+  client: boolean;
+  queues: number;
+  mac: string;
+  id?: number;
+  mtu?: number | null;
+}): string {
+  const n = o.id ?? 0;
+  const chardev = o.client
+    ? `socket,id=chr${n},path=${o.socket},server=on,wait=off`
+    : `socket,id=chr${n},path=${o.socket},reconnect=1`;
+  const mq =
+    (o.queues > 1 ? `,mq=on,vectors=${2 * o.queues + 2}` : "") +
+    (o.mtu !== undefined && o.mtu !== null ? `,host_mtu=${o.mtu}` : "");
+  return [
+    "qemu-system-x86_64 -machine q35,accel=kvm:tcg -cpu max -smp 2 -m 1G",
+    `  -object memory-backend-memfd,id=mem${n},size=1G,share=on -numa node,memdev=mem${n}`,
+    `  -chardev ${chardev}`,
+    `  -netdev vhost-user,id=net${n},chardev=chr${n},queues=${o.queues}`,
+    `  -device virtio-net-pci,netdev=net${n},mac=${o.mac}${mq}`,
+    "  -drive file=DISK.img,if=virtio -nographic",
+  ].join(" \\\n");
+}
+
+/** Remove a socket file nobody listens on any more; refuse one that is alive. */
+async function removeStaleSocket(path: string, what: string): Promise<void> {
+  try {
+    if (!lstatSync(path).isSocket()) throw new Error(`${what} ${path} exists and is not a socket`);
+  } catch (err) {
+    if ((err as { code?: string }).code === "ENOENT") return;
+    throw err;
+  }
+  const alive = await new Promise<boolean>((resolve) => {
+    const c = createConnection(path);
+    c.once("connect", () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once("error", () => resolve(false));
+  });
+  if (alive) throw new Error(`${what} ${path} is in use (is another switch running?)`);
+  unlinkSync(path);
+}
+
+async function listenControl(
+  path: string,
+  snapshot: () => StatsSnapshot,
+  log: Logger,
+): Promise<Server> {
+  await removeStaleSocket(path, "control socket");
+  const srv = createServer((c) => {
+    c.on("error", (err) => log.debug(`control: ${err.message}`));
+    let text: string;
+    try {
+      text = JSON.stringify(snapshot()) + "\n";
+    } catch (err) {
+      text = JSON.stringify({ error: (err as Error).message }) + "\n";
+    }
+    c.end(text);
+  });
+  await new Promise<void>((resolve, reject) => {
+    srv.once("error", reject);
+    srv.listen(path, () => {
+      srv.off("error", reject);
+      resolve();
+    });
+  });
+  srv.on("error", (err) => log.warn(`control socket ${path}: ${err.message}`));
+  return srv;
+}
+
+function waitForStop(log: Logger, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const done = (why: string): void => {
+      process.off("SIGINT", onInt);
+      process.off("SIGTERM", onTerm);
+      signal?.removeEventListener("abort", onAbort);
+      log.info(`${why}: shutting down`);
+      resolve();
+    };
+    const onInt = (): void => done("SIGINT");
+    const onTerm = (): void => done("SIGTERM");
+    const onAbort = (): void => done("stop requested");
+    process.on("SIGINT", onInt);
+    process.on("SIGTERM", onTerm);
+    if (signal?.aborted) onAbort();
+    else signal?.addEventListener("abort", onAbort);
+  });
+}
+
+/** A port's logger: every line names the port (ring errors, say, do not by themselves). */
+function portLogger(log: Logger, path: string): Logger {
+  const tag = (m: string): string => (m.startsWith(path) ? m : `${path}: ${m}`);
+  return {
+    debug: (m) => log.debug(tag(m)),
+    info: (m) => log.info(tag(m)),
+    warn: (m) => log.warn(tag(m)),
+    error: (m) => log.error(tag(m)),
+  };
+}
+
+interface OpenUplink {
+  name: string;
+  close(): void;
+}
+
+/**
+ * Run `vhostkit switch` until SIGINT, SIGTERM or `signal`.
+ * @param argv the arguments after `switch`
+ * @param io output streams and environment
+ * @param signal stops the switch when aborted (for embedding; the CLI uses signals)
+ * @returns the exit status: 0 after a clean shutdown, 1 when it could not start, 2 for a bad
+ *   command line
+ */
+export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal): Promise<number> {
+  let o: SwitchCommandOptions;
+  try {
+    o = parseSwitchArgs(argv, io.env);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    io.stderr(`vhostkit switch: ${err.message}\nTry 'vhostkit switch --help'.\n`);
+    return ExitCode.USAGE;
+  }
+  if (o.help) {
+    io.stdout(SWITCH_USAGE);
+    return ExitCode.OK;
+  }
+  const log = stderrLogger(io, "vhostkit switch", o.verbose);
+
+  // Uplinks are parsed before anything is opened, so a bad spec is a usage error.
+  type UplinkModule = typeof import("../net/uplink.js");
+  let uplinkMod: UplinkModule | null = null;
+  const specs: ReturnType<UplinkModule["parseUplinkSpec"]>[] = [];
+  if (o.uplinks.length > 0) {
+    try {
+      uplinkMod = await import("../net/uplink.js");
+    } catch (err) {
+      log.error(`uplinks are not available in this build: ${(err as Error).message}`);
+      return ExitCode.FAILURE;
+    }
+    for (const text of o.uplinks) {
+      try {
+        specs.push(uplinkMod.parseUplinkSpec(text));
+      } catch (err) {
+        io.stderr(`vhostkit switch: --uplink ${text}: ${(err as Error).message}\n`);
+        return ExitCode.USAGE;
+      }
+    }
+  }
+
+  const started = Date.now();
+  const sw = new Switch({ logger: log, ageingMs: o.ageingMs });
+  const ports: VhostUserPort[] = [];
+  const uplinks: OpenUplink[] = [];
+  let control: Server | null = null;
+  const snapshot = (): StatsSnapshot => ({
+    version: 1,
+    pid: process.pid,
+    uptimeMs: Date.now() - started,
+    switch: sw.stats(),
+    macTable: sw.macTable(),
+    vhostPorts: ports.map((p) => ({
+      name: p.device.name,
+      socket: p.server.path,
+      mode: p.server.client ? "client" : "server",
+      connected: p.device.connected,
+      mac: p.device.mac,
+      queuePairs: p.device.queuePairs,
+      activePairs: p.device.state.activePairs,
+      features: `0x${p.device.negotiatedFeatures.toString(16)}`,
+      featureNames: describeNetFeatures(p.device.negotiatedFeatures),
+      pairCounters: p.device.pairCounters.map((c) => ({ ...c })),
+    })),
+    uplinks: uplinks.map((u) => u.name),
+  });
+  const closeAll = (): void => {
+    if (control !== null) {
+      control.close();
+      try {
+        unlinkSync(o.control);
+      } catch {
+        // already removed by close()
+      }
+      control = null;
+    }
+    for (const u of uplinks.splice(0)) {
+      try {
+        u.close();
+      } catch (err) {
+        log.warn(`uplink ${u.name}: close: ${(err as Error).message}`);
+      }
+    }
+    for (const p of ports.splice(0)) p.close();
+    sw.close();
+  };
+
+  try {
+    if (o.defaultPort) mkdirSync(dirname(o.sockets[0] as string), { recursive: true, mode: 0o700 });
+    o.sockets.forEach((path, i) => {
+      const mac = o.macs[i];
+      let port: VhostUserPort;
+      try {
+        port = addVhostUserPort(sw, {
+          path,
+          client: o.client,
+          queuePairs: o.queues,
+          logger: portLogger(log, path),
+          ...(mac !== undefined ? { mac } : {}),
+          ...(o.mtu !== null ? { mtu: o.mtu } : {}),
+        });
+      } catch (err) {
+        throw new Error(`port ${path}: ${(err as Error).message}`, { cause: err });
+      }
+      ports.push(port);
+      log.info(
+        `port ${path}: ${o.client ? "connecting to" : "listening on"} ${path} ` +
+          `(${o.queues} queue pair(s)${mac !== undefined ? `, mac ${mac}` : ""})`,
+      );
+    });
+    if (uplinkMod !== null) {
+      for (const spec of specs) {
+        const u = await uplinkMod.openUplink(sw, spec, log);
+        uplinks.push(u);
+        log.info(`uplink ${u.name}: open`);
+      }
+    }
+    control = await listenControl(o.control, snapshot, log);
+    log.info(`statistics on ${o.control} (vhostkit stats --control ${o.control})`);
+  } catch (err) {
+    log.error(`cannot start: ${(err as Error).message}`);
+    closeAll();
+    return ExitCode.FAILURE;
+  }
+
+  if (o.defaultPort || o.printQemu) {
+    io.stdout(
+      o.sockets
+        .map(
+          (s, i) =>
+            `# attach a VM to ${s}:\n` +
+            qemuCommandLine({
+              socket: s,
+              client: o.client,
+              queues: o.queues,
+              mac:
+                o.macs[i] ?? `52:54:00:12:34:${((0x56 + i) & 0xff).toString(16).padStart(2, "0")}`,
+              id: i,
+              mtu: o.mtu,
+            }) +
+            "\n",
+        )
+        .join(""),
+    );
+  }
+  io.stderr(`${READY_LINE}\n`);
+  await waitForStop(log, signal);
+  closeAll();
+  return ExitCode.OK;
+}

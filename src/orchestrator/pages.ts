@@ -1,0 +1,188 @@
+/**
+ * Guest pages in the migration stream: PAGES sections carry u32 iteration, u32 count, then per
+ * page u32 page number (gpa / 4096), u8 kind (0: all zero, 1: data) and, for data, 4096 bytes.
+ */
+import { createHash } from "node:crypto";
+import type { Duplex } from "node:stream";
+import type { GuestRam } from "../frontend/guest-ram.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
+import { SectionType, encodeSection, writeAll, MigrationStreamFormatError } from "./stream.js";
+
+/** Bytes per migrated page (VHOST_LOG_PAGE). */
+export const PAGE_SIZE = 4096;
+/** Pages per PAGES section. */
+export const PAGES_PER_SECTION = 256;
+
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+
+/** Counters of pages sent. */
+export interface PageCounters {
+  /** pages sent (zero and data) */
+  pages: number;
+  /** of which all-zero (sent as a marker) */
+  zeroPages: number;
+  /** stream bytes of PAGES sections */
+  bytes: number;
+}
+
+/**
+ * Send pages of guest RAM in PAGES sections.
+ * @param stream the connection
+ * @param memory the source's guest memory
+ * @param iteration the iteration number written in each section
+ * @param pages page numbers (pages outside every region are skipped)
+ * @param counters updated as pages go out
+ * @returns when every section was queued
+ */
+export async function sendPages(
+  stream: Duplex,
+  memory: GuestMemory,
+  iteration: number,
+  pages: Iterable<number>,
+  counters: PageCounters,
+): Promise<void> {
+  let buf = Buffer.allocUnsafe(8 + PAGES_PER_SECTION * (5 + PAGE_SIZE));
+  let off = 8;
+  let n = 0;
+  const flush = async (): Promise<void> => {
+    if (n === 0) return;
+    buf.writeUInt32BE(iteration, 0);
+    buf.writeUInt32BE(n, 4);
+    const sec = encodeSection(SectionType.PAGES, buf.subarray(0, off));
+    counters.bytes += sec.length;
+    await writeAll(stream, sec);
+    buf = Buffer.allocUnsafe(buf.length);
+    off = 8;
+    n = 0;
+  };
+  for (const page of pages) {
+    const gpa = page * PAGE_SIZE;
+    const r = memory.tryRegionFor(gpa, PAGE_SIZE);
+    if (r === null) continue;
+    // LIFETIME: a view of the mapped page, used only within this iteration of the loop.
+    const at = r.bytes.byteOffset + (gpa - r.gpa);
+    const src = Buffer.from(r.bytes.buffer, at, PAGE_SIZE);
+    buf.writeUInt32BE(page, off);
+    if (src.equals(ZERO_PAGE)) {
+      buf.writeUInt8(0, off + 4);
+      off += 5;
+      counters.zeroPages++;
+    } else {
+      buf.writeUInt8(1, off + 4);
+      src.copy(buf, off + 5);
+      off += 5 + PAGE_SIZE;
+    }
+    n++;
+    counters.pages++;
+    if (n === PAGES_PER_SECTION) await flush();
+  }
+  await flush();
+}
+
+/**
+ * Every page of every region, in order.
+ * @param ram the guest RAM
+ * @yields page numbers
+ */
+export function* allPages(ram: GuestRam): Generator<number> {
+  for (const r of ram.regions) {
+    const first = r.info.gpa / PAGE_SIZE;
+    const count = r.info.size / PAGE_SIZE;
+    for (let i = 0; i < count; i++) yield first + i;
+  }
+}
+
+/** Which pages of a fresh (all-zero) destination RAM were written since it was created. */
+export class TouchedPages {
+  readonly #bits = new Map<number, Uint8Array>();
+
+  /**
+   * @param page page number
+   * @returns true when the page was written
+   */
+  test(page: number): boolean {
+    const chunk = this.#bits.get(Math.floor(page / 65536));
+    return (
+      chunk !== undefined && ((chunk[(page % 65536) >> 3] as number) & (1 << (page & 7))) !== 0
+    );
+  }
+
+  /**
+   * Mark a page written.
+   * @param page page number
+   */
+  set(page: number): void {
+    const k = Math.floor(page / 65536);
+    let chunk = this.#bits.get(k);
+    if (chunk === undefined) {
+      chunk = new Uint8Array(8192);
+      this.#bits.set(k, chunk);
+    }
+    const i = (page % 65536) >> 3;
+    chunk[i] = (chunk[i] as number) | (1 << (page & 7));
+  }
+}
+
+/**
+ * Apply a PAGES payload to the destination's guest memory.
+ * @param memory the destination's guest memory
+ * @param payload the section payload
+ * @param touched pages written so far (zero pages that were never written are skipped)
+ * @returns the iteration and the number of pages
+ * @throws MigrationStreamFormatError for a malformed payload or a page outside guest memory
+ */
+export function applyPages(
+  memory: GuestMemory,
+  payload: Uint8Array,
+  touched?: TouchedPages,
+): { iteration: number; pages: number } {
+  const b = Buffer.from(payload.buffer, payload.byteOffset, payload.length);
+  if (b.length < 8) throw new MigrationStreamFormatError("pages", b.length, "PAGES too short");
+  const iteration = b.readUInt32BE(0);
+  const count = b.readUInt32BE(4);
+  let off = 8;
+  for (let i = 0; i < count; i++) {
+    if (off + 5 > b.length) throw new MigrationStreamFormatError("pages", i, "PAGES truncated");
+    const page = b.readUInt32BE(off);
+    const kind = b.readUInt8(off + 4);
+    off += 5;
+    const gpa = page * PAGE_SIZE;
+    const r = memory.tryRegionFor(gpa, PAGE_SIZE);
+    if (r === null) {
+      throw new MigrationStreamFormatError(
+        "page",
+        `0x${gpa.toString(16)}`,
+        "page outside guest memory",
+      );
+    }
+    // LIFETIME: r.bytes is the destination RAM's mapping, open for the whole load.
+    const at = gpa - r.gpa;
+    if (kind === 0) {
+      // A fresh page is zero already: writing it would only allocate it.
+      if (touched === undefined || touched.test(page)) r.bytes.fill(0, at, at + PAGE_SIZE);
+    } else if (kind === 1) {
+      touched?.set(page);
+      if (off + PAGE_SIZE > b.length)
+        throw new MigrationStreamFormatError("pages", i, "PAGES truncated");
+      r.bytes.set(b.subarray(off, off + PAGE_SIZE), at);
+      off += PAGE_SIZE;
+    } else {
+      throw new MigrationStreamFormatError("page kind", kind, "unknown page kind");
+    }
+  }
+  if (off !== b.length)
+    throw new MigrationStreamFormatError("pages", b.length - off, "trailing bytes");
+  return { iteration, pages: count };
+}
+
+/**
+ * SHA-256 of guest RAM, region by region in memory-table order.
+ * @param ram the guest RAM
+ * @returns 32 bytes
+ */
+export function hashGuestRam(ram: GuestRam): Buffer {
+  const h = createHash("sha256");
+  // LIFETIME: the region views are used while the RAM is open.
+  for (const r of ram.regions) h.update(r.region.bytes);
+  return h.digest();
+}

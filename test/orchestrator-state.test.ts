@@ -1,0 +1,259 @@
+/**
+ * Unit and property tests of the migration orchestrator's formats: the layered virtio device
+ * state (round trips, subsections known, optional and unknown, truncation, load-time checks
+ * naming the field), the stream framing (header versions, CRC, truncation) and the front-end's
+ * dirty log (size from the memory table, fetch-and-clear).
+ */
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { PassThrough } from "node:stream";
+import fc from "fast-check";
+
+import { GuestRam } from "../src/frontend/guest-ram.js";
+import { FrontendDirtyLog, logSizeFor } from "../src/frontend/migration.js";
+import { native } from "../src/native.js";
+import { VirtioFeature, featureMask } from "../src/protocol/constants.js";
+import {
+  MigrationStreamFormatError,
+  SectionReader,
+  SectionType,
+  VirtioStateError,
+  decodeVirtioState,
+  encodeHeader,
+  encodeSection,
+  encodeVirtioState,
+  validateVirtioState,
+} from "../src/orchestrator/index.js";
+import type { VirtioDeviceState } from "../src/orchestrator/index.js";
+
+const PACKED = featureMask(VirtioFeature.RING_PACKED);
+
+function baseState(features: bigint): VirtioDeviceState {
+  return {
+    status: 15,
+    features,
+    config: new Uint8Array([1, 2, 3, 4, 5, 6, 0, 1]),
+    protocolFeatures: 0x10cbfn,
+    queues: [
+      {
+        index: 0,
+        size: 256,
+        desc: 0x1000,
+        avail: 0x2000,
+        used: 0x3000,
+        lastAvailIdx: 10,
+        usedIdx: 10,
+        enabled: true,
+        availWrap: true,
+        usedWrap: false,
+      },
+      {
+        index: 1,
+        size: 256,
+        desc: 0x5000,
+        avail: 0x6000,
+        used: 0x7000,
+        lastAvailIdx: 65530,
+        usedIdx: 65530,
+        enabled: true,
+        availWrap: false,
+        usedWrap: true,
+      },
+    ],
+    deviceId: 1,
+    device: new Uint8Array([2, 0, 0, 0, 0, 1]),
+  };
+}
+
+test("virtio state: round trip, features64 and packed subsections only when needed", () => {
+  fc.assert(
+    fc.property(
+      fc.bigInt({ min: 0n, max: (1n << 64n) - 1n }),
+      fc.integer({ min: 0, max: 255 }),
+      fc.uint8Array({ maxLength: 64 }),
+      fc.uint8Array({ maxLength: 32 }),
+      (features, status, config, device) => {
+        const s = { ...baseState(features), status, config, device };
+        if ((features & PACKED) !== 0n) {
+          for (const q of s.queues) q.lastAvailIdx = q.usedIdx = 7;
+        }
+        const bytes = encodeVirtioState(s);
+        const d = decodeVirtioState(bytes);
+        assert.equal(d.features, features);
+        assert.equal(d.status, status);
+        assert.deepEqual(d.config, config);
+        assert.deepEqual(d.device, device);
+        assert.equal(d.queues.length, 2);
+        assert.equal(d.queues[1]?.used, 0x7000);
+        const text = Buffer.from(bytes).toString("latin1");
+        assert.equal(text.includes("virtio/features64"), features >> 32n !== 0n);
+        assert.equal(text.includes("virtio/packed"), (features & PACKED) !== 0n);
+        if ((features & PACKED) !== 0n) {
+          assert.equal(d.queues[0]?.usedWrap, false);
+          assert.equal(d.queues[1]?.availWrap, false);
+        }
+      },
+    ),
+    { numRuns: 200 },
+  );
+});
+
+test("virtio state: an optional unknown subsection is skipped, a required one fails", () => {
+  const s = baseState(1n << 32n);
+  s.extraSubsections = [{ name: "vendor/x", optional: true, data: new Uint8Array([9, 9]) }];
+  const d = decodeVirtioState(encodeVirtioState(s));
+  assert.deepEqual(d.skipped, ["vendor/x"]);
+  s.extraSubsections = [{ name: "vendor/needed", optional: false, data: new Uint8Array([1]) }];
+  assert.throws(
+    () => decodeVirtioState(encodeVirtioState(s)),
+    (e: unknown) =>
+      e instanceof VirtioStateError && e.field === "subsection" && e.value === "vendor/needed",
+  );
+});
+
+test("virtio state: truncated at every offset or with trailing bytes fails with a field", () => {
+  const bytes = encodeVirtioState(baseState((1n << 33n) | PACKED));
+  for (let n = 0; n < bytes.length; n++) {
+    assert.throws(
+      () => decodeVirtioState(bytes.subarray(0, n)),
+      (e: unknown) => e instanceof VirtioStateError && typeof e.field === "string",
+      `cut at ${n}`,
+    );
+  }
+  const longer = Buffer.concat([bytes, Buffer.from([0])]);
+  assert.throws(
+    () => decodeVirtioState(longer),
+    (e: unknown) => e instanceof VirtioStateError,
+  );
+});
+
+test("virtio state: load-time checks name the field", () => {
+  const ram = GuestRam.create({ regions: [{ gpa: 0, size: 1 << 20 }] });
+  try {
+    const offered =
+      featureMask(VirtioFeature.VERSION_1) | featureMask(VirtioFeature.RING_EVENT_IDX);
+    const ok = baseState(featureMask(VirtioFeature.VERSION_1));
+    // avail.idx of queue 1 in guest memory: 65530 + 3 (3 pending)
+    new DataView(ram.regions[0]!.region.buffer).setUint16(
+      ram.regions[0]!.region.base + 0x6002,
+      65533,
+      true,
+    );
+    new DataView(ram.regions[0]!.region.buffer).setUint16(
+      ram.regions[0]!.region.base + 0x2002,
+      12,
+      true,
+    );
+    validateVirtioState(ok, { offeredFeatures: offered, memory: ram.memory });
+    const field = (s: VirtioDeviceState): string | undefined => {
+      try {
+        validateVirtioState(s, { offeredFeatures: offered, memory: ram.memory, maxQueues: 2 });
+        return undefined;
+      } catch (e) {
+        assert.ok(e instanceof VirtioStateError);
+        return e.field;
+      }
+    };
+    assert.equal(field({ ...ok, features: ok.features | PACKED }), "features");
+    const q = (patch: object, i = 0): VirtioDeviceState => ({
+      ...ok,
+      queues: ok.queues.map((x, k) => (k === i ? { ...x, ...patch } : x)),
+    });
+    assert.equal(field(q({ size: 100 })), "queue[0].size");
+    assert.equal(field(q({ desc: 0xff800 })), "queue[0].desc");
+    assert.equal(field(q({ used: 2 << 20 })), "queue[0].used");
+    assert.equal(field(q({ lastAvailIdx: 65000, usedIdx: 65000 }, 1)), "queue[1].lastAvailIdx");
+    assert.equal(field({ ...ok, queues: [...ok.queues, ok.queues[0]!] }), "numQueues");
+  } finally {
+    ram.close();
+  }
+});
+
+async function readAll(bytes: Buffer): Promise<unknown> {
+  const p = new PassThrough();
+  const r = new SectionReader(p);
+  p.end(bytes);
+  try {
+    await r.header();
+    for (;;) await r.next();
+  } catch (e) {
+    return e;
+  }
+}
+
+test("stream: header versions, CRC and truncation", async () => {
+  const good = Buffer.concat([
+    encodeHeader(),
+    encodeSection(SectionType.VIRTIO_STATE, new Uint8Array([1, 2, 3])),
+  ]);
+  const p = new PassThrough();
+  const r = new SectionReader(p);
+  p.end(good);
+  assert.equal(await r.header(), 1);
+  const s = await r.next();
+  assert.equal(s.type, SectionType.VIRTIO_STATE);
+  assert.deepEqual([...s.payload], [1, 2, 3]);
+  // a newer stream whose compat version is above ours
+  const e1 = await readAll(encodeHeader(3, 2));
+  assert.ok(e1 instanceof MigrationStreamFormatError && e1.field === "version");
+  // a v2 stream readable by v1 readers is accepted
+  const p2 = new PassThrough();
+  const r2 = new SectionReader(p2);
+  p2.end(encodeHeader(2, 1));
+  assert.equal(await r2.header(), 2);
+  // every single-bit flip in the section is caught by the CRC (or the length check)
+  for (let i = 16; i < good.length; i++) {
+    const bad = Buffer.from(good);
+    bad[i] = (bad[i] as number) ^ 0x10;
+    const e = await readAll(bad);
+    assert.ok(e instanceof MigrationStreamFormatError, `flip at ${i}: ${String(e)}`);
+  }
+  // truncation anywhere
+  for (let n = 0; n < good.length; n++) {
+    const e = await readAll(good.subarray(0, n));
+    assert.ok(e instanceof MigrationStreamFormatError, `cut at ${n}`);
+    assert.match(e.message, n < 16 ? /truncated/ : /truncated/);
+  }
+});
+
+test("front-end dirty log: size from the memory table, atomic fetch-and-clear", () => {
+  const ram = GuestRam.create({ size: 8 << 20 });
+  try {
+    const table = ram.memoryTable();
+    // regions at 0 and 4 GiB: the log covers 0 .. 4 GiB + 4 MiB, in whole u64 words
+    assert.equal(logSizeFor(table), Math.ceil(((4 * 2 ** 30) / 4096 + 1024) / 64) * 8);
+    const log = FrontendDirtyLog.create(table);
+    // LIFETIME: a second mapping of the log memfd, as a back-end has; unmapped below.
+    const theirs = native.mmap(log.fd, 0, log.size, true);
+    try {
+      const bytes = new Uint8Array(theirs);
+      const pages = [0, 1, 7, 8, 31, 32, 1000, (4 * 2 ** 30) / 4096 + 5];
+      fc.assert(
+        fc.property(fc.subarray(pages), (set) => {
+          for (const p of set) bytes[p >> 3] = (bytes[p >> 3] as number) | (1 << (p & 7));
+          const got: number[] = [];
+          const n = log.fetchAndClear((p) => got.push(p));
+          assert.equal(n, set.length);
+          assert.deepEqual(
+            got,
+            [...set].sort((a, b) => a - b),
+          );
+          assert.equal(
+            log.fetchAndClear(() => undefined),
+            0,
+            "cleared",
+          );
+          assert.ok(
+            bytes.every((b) => b === 0),
+            "the back-end sees a clear log",
+          );
+        }),
+      );
+    } finally {
+      native.munmap(theirs);
+      log.close();
+    }
+  } finally {
+    ram.close();
+  }
+});
