@@ -9,10 +9,10 @@ import type { FdWatcher } from "../native.js";
 import { GuestMemory } from "../memory/guest-memory.js";
 import type { Region } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
-import type { Gpa } from "../memory/address.js";
 import { mapRegion, unmapRegion } from "../memory/mapping.js";
 import { SplitDeviceQueue } from "../virtq/split.js";
 import { PackedDeviceQueue } from "../virtq/packed.js";
+import { readChain, writeChain } from "../virtq/chain-io.js";
 import type { DescChain, DeviceQueue, QueueBase } from "../virtq/types.js";
 import type { BackendQueue } from "./device.js";
 import type {
@@ -108,49 +108,11 @@ class WorkerRing implements BackendQueue {
   }
 
   read(chain: DescChain, dst: Uint8Array, offset = 0): number {
-    const mem = this.memory;
-    let copied = 0;
-    let skip = offset;
-    for (const seg of chain.readable) {
-      if (copied >= dst.length) break;
-      if (skip >= seg.len) {
-        skip -= seg.len;
-        continue;
-      }
-      const n = Math.min(seg.len - skip, dst.length - copied);
-      mem.read((seg.gpa + skip) as Gpa, dst.subarray(copied, copied + n));
-      copied += n;
-      skip = 0;
-    }
-    return copied;
+    return readChain(this.memory, chain, dst, offset);
   }
 
   write(chain: DescChain, src: Uint8Array, offset = 0): number {
-    const mem = this.memory;
-    let copied = 0;
-    let skip = offset;
-    for (const seg of chain.writable) {
-      if (copied >= src.length) break;
-      if (skip >= seg.len) {
-        skip -= seg.len;
-        continue;
-      }
-      const n = Math.min(seg.len - skip, src.length - copied);
-      const g = (seg.gpa + skip) as Gpa;
-      const part = n === src.length ? src : src.subarray(copied, copied + n);
-      const r = mem.tryRegionFor(g, n);
-      if (r !== null) {
-        // Fast path: one region; LIFETIME: r.bytes is used at once and not kept.
-        r.bytes.set(part, g - r.gpa);
-        const log = mem.log;
-        if (log !== null) log.mark(g, n);
-      } else {
-        mem.write(g, part);
-      }
-      copied += n;
-      skip = 0;
-    }
-    return copied;
+    return writeChain(this.memory, chain, src, offset);
   }
 }
 

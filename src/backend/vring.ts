@@ -12,6 +12,7 @@ import { SplitDeviceQueue } from "../virtq/split.js";
 import { PackedDeviceQueue } from "../virtq/packed.js";
 import { splitRingSizes, packedRingSizes } from "../virtq/layout.js";
 import type { DeviceQueue, DescChain, QueueBase } from "../virtq/types.js";
+import { readChain, writeChain } from "../virtq/chain-io.js";
 import type { BackendQueue, Logger, WorkerQueueSpec } from "./device.js";
 import { QueueWorker } from "./worker-queue.js";
 import type { WorkerRegionInit, WorkerRingAddresses } from "./worker-queue.js";
@@ -645,51 +646,12 @@ export class Vring implements BackendQueue {
 
   /** @inheritdoc */
   read(chain: DescChain, dst: Uint8Array, offset = 0): number {
-    const mem = this.memory;
-    let copied = 0;
-    let skip = offset;
-    for (const seg of chain.readable) {
-      if (copied >= dst.length) break;
-      if (skip >= seg.len) {
-        skip -= seg.len;
-        continue;
-      }
-      const n = Math.min(seg.len - skip, dst.length - copied);
-      // LIFETIME: the view is used at once and not kept.
-      dst.set(mem.gpaToView((seg.gpa + skip) as Gpa, n), copied);
-      copied += n;
-      skip = 0;
-    }
-    return copied;
+    return readChain(this.memory, chain, dst, offset);
   }
 
   /** @inheritdoc */
   write(chain: DescChain, src: Uint8Array, offset = 0): number {
-    const mem = this.memory;
-    let copied = 0;
-    let skip = offset;
-    for (const seg of chain.writable) {
-      if (copied >= src.length) break;
-      if (skip >= seg.len) {
-        skip -= seg.len;
-        continue;
-      }
-      const n = Math.min(seg.len - skip, src.length - copied);
-      const g = (seg.gpa + skip) as Gpa;
-      const part = n === src.length ? src : src.subarray(copied, copied + n);
-      const r = mem.tryRegionFor(g, n);
-      if (r !== null) {
-        // Fast path: one region; LIFETIME: r.bytes is used at once and not kept.
-        r.bytes.set(part, g - r.gpa);
-        const log = mem.log;
-        if (log !== null) log.mark(g, n);
-      } else {
-        mem.write(g, part);
-      }
-      copied += n;
-      skip = 0;
-    }
-    return copied;
+    return writeChain(this.memory, chain, src, offset);
   }
 
   /** The device-side ring while started (for tests and the session's own bookkeeping). */

@@ -6,7 +6,7 @@
  * vhost-user: "Migration", VHOST_USER_SET_LOG_BASE, "Migrating back-end state",
  * VHOST_USER_SET_DEVICE_STATE_FD, VHOST_USER_CHECK_DEVICE_STATE.
  */
-import { native, POLL_READABLE, POLL_WRITABLE } from "../native.js";
+import { native } from "../native.js";
 import {
   DeviceStateDirection,
   DeviceStatePhase,
@@ -20,6 +20,7 @@ import {
 import type { DeviceStateReply, MemoryRegion } from "../protocol/codecs.js";
 import { VhostUserError } from "../protocol/errors.js";
 import type { VhostUserFrontend } from "./frontend.js";
+import { readStateFromFd, writeStateToFd } from "../migration/transfer.js";
 
 /** Largest back-end state accepted from a SAVE (default of {@link saveBackendState}). */
 export const DEFAULT_MAX_STATE_BYTES = 256 << 20;
@@ -37,17 +38,6 @@ export function logSizeFor(table: readonly MemoryRegion[]): number {
   for (const r of table) end = Math.max(end, Number(r.guestPhysAddr + r.memorySize));
   const pages = Math.ceil(end / VHOST_LOG_PAGE);
   return Math.max(8, Math.ceil(pages / 64) * 8);
-}
-
-function waitFd(fd: number, events: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const w = new native.FdWatcher(fd, (_ev, err) => {
-      w.close();
-      if (err) reject(err);
-      else resolve();
-    });
-    w.start(events);
-  });
 }
 
 /**
@@ -281,7 +271,6 @@ export async function saveBackendState(
 ): Promise<Uint8Array> {
   requireDeviceState(fe, "SET_DEVICE_STATE_FD");
   const maxBytes = options.maxBytes ?? DEFAULT_MAX_STATE_BYTES;
-  const deadline = Date.now() + (options.timeoutMs ?? 10_000);
   const [r, w] = native.pipe(true);
   let readFd = r;
   try {
@@ -297,35 +286,13 @@ export async function saveBackendState(
     native.close(w);
     throw err;
   }
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  try {
-    for (;;) {
-      const buf = new Uint8Array(1 << 16);
-      const n = native.read(readFd, buf, 0, buf.length);
-      if (n === null) {
-        if (Date.now() > deadline) throw new Error("device state SAVE: back-end stalled");
-        await waitFd(readFd, POLL_READABLE);
-        continue;
-      }
-      if (n === 0) break;
-      total += n;
-      if (total > maxBytes) {
-        throw new Error(`device state SAVE: more than ${maxBytes} bytes (got ${total})`);
-      }
-      chunks.push(buf.subarray(0, n));
-    }
-  } finally {
-    native.close(readFd);
-  }
+  // The back-end writes after its reply; read to end of file (the fd is closed either way).
+  const data = await readStateFromFd(readFd, {
+    maxBytes,
+    signal: AbortSignal.timeout(options.timeoutMs ?? 10_000),
+  });
   await checkDeviceState(fe);
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.length;
-  }
-  return out;
+  return data;
 }
 
 /**
@@ -356,21 +323,11 @@ export async function loadBackendState(fe: VhostUserFrontend, data: Uint8Array):
     throw err;
   }
   try {
-    let off = 0;
-    while (off < data.length) {
-      let n: number | null;
-      try {
-        n = native.write(writeFd, data, off, data.length - off);
-      } catch (err) {
-        // EPIPE: the back-end stopped reading (it refused the state); CHECK tells why.
-        if ((err as { code?: string }).code === "EPIPE") break;
-        throw err;
-      }
-      if (n === null) await waitFd(writeFd, POLL_WRITABLE);
-      else off += n;
-    }
-  } finally {
-    native.close(writeFd);
+    await writeStateToFd(writeFd, data);
+  } catch (err) {
+    // EPIPE: the back-end stopped reading (it refused the state); CHECK tells why.
+    const cause = (err as { cause?: { code?: string } }).cause;
+    if (cause?.code !== "EPIPE") throw err;
   }
   await checkDeviceState(fe);
 }

@@ -23,7 +23,11 @@ import {
   VIRTIO_NET_HDR_F_DATA_VALID,
   VIRTIO_NET_HDR_F_NEEDS_CSUM,
   VirtioNetGso,
+  writeVnetHeader,
 } from "./virtio-net.js";
+
+/** The header written for the kernel is the one the virtio-net device writes for a guest. */
+export { writeVnetHeader };
 
 /** Length of the virtio-net header on a TAP opened with IFF_VNET_HDR (TUNSETVNETHDRSZ). */
 export const TAP_VNET_HDR_LEN = 12;
@@ -267,55 +271,6 @@ export class TapPort implements SwitchPort {
       this.#fd = -1;
     }
   }
-}
-
-/**
- * Write the 12-byte virtio-net header (VIRTIO 1.2 §5.1.6) for a frame going to the kernel:
- * NEEDS_CSUM with csum_start/offset, or DATA_VALID; the GSO type (with ECN), hdr_len and
- * gso_size; num_buffers 0.
- * @param b destination (at least 12 bytes)
- * @param frame the frame whose metadata is encoded
- */
-export function writeVnetHeader(b: Uint8Array, frame: Frame): void {
-  const meta = frame.meta;
-  const cs = meta.needsCsum;
-  let flags = 0;
-  let start = 0;
-  let offset = 0;
-  if (cs !== undefined) {
-    flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-    start = cs.start;
-    offset = cs.offset;
-  } else if (meta.dataValid === true) {
-    flags = VIRTIO_NET_HDR_F_DATA_VALID;
-  }
-  let gsoType: number = VirtioNetGso.NONE;
-  let hdrLen = 0;
-  let size = 0;
-  const g = meta.gso;
-  if (g !== undefined) {
-    gsoType =
-      g.type === "tcpv4"
-        ? VirtioNetGso.TCPV4
-        : g.type === "tcpv6"
-          ? VirtioNetGso.TCPV6
-          : VirtioNetGso.UDP;
-    if (g.ecn === true) gsoType |= VirtioNetGso.ECN;
-    hdrLen = g.hdrLen;
-    size = g.size;
-  }
-  b[0] = flags;
-  b[1] = gsoType;
-  b[2] = hdrLen & 0xff;
-  b[3] = hdrLen >>> 8;
-  b[4] = size & 0xff;
-  b[5] = size >>> 8;
-  b[6] = start & 0xff;
-  b[7] = start >>> 8;
-  b[8] = offset & 0xff;
-  b[9] = offset >>> 8;
-  b[10] = 0;
-  b[11] = 0;
 }
 
 /**

@@ -904,48 +904,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
 
   /** virtio_net_hdr_v1 for a frame (VIRTIO 1.2 §5.1.6.4). */
   #buildHeader(b: Uint8Array, frame: Frame, numBuffers: number): void {
-    const meta = frame.meta;
-    let flags = 0;
-    let gsoType = 0;
-    let hdrLen = 0;
-    let gsoSize = 0;
-    let start = 0;
-    let offset = 0;
-    const o = this.offloads;
-    const cs = meta.needsCsum;
-    if (cs !== undefined && o.csum) {
-      flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-      start = cs.start;
-      offset = cs.offset;
-    } else if (meta.dataValid === true && o.csum) {
-      flags = VIRTIO_NET_HDR_F_DATA_VALID;
-    }
-    const g = meta.gso;
-    if (g !== undefined) {
-      gsoType =
-        g.type === "tcpv4"
-          ? VirtioNetGso.TCPV4
-          : g.type === "tcpv6"
-            ? VirtioNetGso.TCPV6
-            : VirtioNetGso.UDP;
-      if (g.ecn === true) gsoType |= VirtioNetGso.ECN;
-      hdrLen = g.hdrLen;
-      gsoSize = g.size;
-    }
-    b[0] = flags;
-    b[1] = gsoType;
-    b[2] = hdrLen & 0xff;
-    b[3] = hdrLen >>> 8;
-    b[4] = gsoSize & 0xff;
-    b[5] = gsoSize >>> 8;
-    b[6] = start & 0xff;
-    b[7] = start >>> 8;
-    b[8] = offset & 0xff;
-    b[9] = offset >>> 8;
-    if (this.#hdrLen === 12) {
-      b[10] = numBuffers & 0xff;
-      b[11] = numBuffers >>> 8;
-    }
+    writeVnetHeader(b, frame, this.offloads.csum, this.#hdrLen === 12 ? numBuffers : null);
   }
 
   #armHeldRelease(): void {
@@ -1146,6 +1105,64 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       return "rarp";
     }
     return "none";
+  }
+}
+
+/**
+ * Write a virtio-net header (VIRTIO 1.2 §5.1.6) for a frame going to a driver or the kernel:
+ * NEEDS_CSUM with csum_start/offset, or DATA_VALID (only when `csum`); the GSO type (with ECN),
+ * hdr_len and gso_size; num_buffers when the header has the field.
+ * @param b destination (at least 10 bytes, 12 when `numBuffers` is not null)
+ * @param frame the frame whose metadata is encoded
+ * @param csum the receiver takes checksum offload (else no checksum flag is set)
+ * @param numBuffers num_buffers (MRG_RXBUF or VERSION_1 headers), or null for a 10-byte header
+ */
+export function writeVnetHeader(
+  b: Uint8Array,
+  frame: Frame,
+  csum = true,
+  numBuffers: number | null = 0,
+): void {
+  const meta = frame.meta;
+  const cs = meta.needsCsum;
+  let flags = 0;
+  let start = 0;
+  let offset = 0;
+  if (cs !== undefined && csum) {
+    flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    start = cs.start;
+    offset = cs.offset;
+  } else if (meta.dataValid === true && csum) {
+    flags = VIRTIO_NET_HDR_F_DATA_VALID;
+  }
+  let gsoType: number = VirtioNetGso.NONE;
+  let hdrLen = 0;
+  let size = 0;
+  const g = meta.gso;
+  if (g !== undefined) {
+    gsoType =
+      g.type === "tcpv4"
+        ? VirtioNetGso.TCPV4
+        : g.type === "tcpv6"
+          ? VirtioNetGso.TCPV6
+          : VirtioNetGso.UDP;
+    if (g.ecn === true) gsoType |= VirtioNetGso.ECN;
+    hdrLen = g.hdrLen;
+    size = g.size;
+  }
+  b[0] = flags;
+  b[1] = gsoType;
+  b[2] = hdrLen & 0xff;
+  b[3] = hdrLen >>> 8;
+  b[4] = size & 0xff;
+  b[5] = size >>> 8;
+  b[6] = start & 0xff;
+  b[7] = start >>> 8;
+  b[8] = offset & 0xff;
+  b[9] = offset >>> 8;
+  if (numBuffers !== null) {
+    b[10] = numBuffers & 0xff;
+    b[11] = numBuffers >>> 8;
   }
 }
 
