@@ -259,8 +259,17 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
       expect: this.isRequester ? "reply" : "request",
       replyKind: (request) => this.#replyKindFor(request),
     });
-    this.#watcher = new this.#io.FdWatcher(fd, (events, error) => this.#onPoll(events, error));
-    this.#watch(POLL_READABLE);
+    let watcher: FdWatcher | null = null;
+    try {
+      watcher = new this.#io.FdWatcher(fd, (events, error) => this.#onPoll(events, error));
+      this.#watcher = watcher;
+      this.#watch(POLL_READABLE);
+    } catch (err) {
+      // LIFETIME: the channel owns fd from the start; a channel that cannot watch it closes it.
+      watcher?.close();
+      this.#io.close(fd);
+      throw err;
+    }
   }
 
   /** True once the channel is closed. */

@@ -8,11 +8,12 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, lstatSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
+import { native } from "../src/native.js";
 import { VirtioFeature, featureSet } from "../src/protocol/constants.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
@@ -362,6 +363,13 @@ test("cli: a switch that cannot start says why and exits 1", async () => {
       assert.equal(second.status, 1);
       assert.match(second.stderr, /control socket .* is in use/);
       assert.equal(existsSync(join(dir, "b.sock")), false, "the second switch cleaned up");
+      // a port socket a running switch serves is refused too, and stays the first one's
+      const third = run(["switch", "--socket", a, "--control", join(dir, "c.ctl")]);
+      assert.equal(third.status, 1, third.stderr);
+      assert.match(third.stderr, /cannot start: .*a\.sock is in use/);
+      assert.equal(lstatSync(a).isSocket(), true, "the first switch's socket is still there");
+      const probe = native.unixConnect(a);
+      native.close(probe);
     } finally {
       await first.stop();
     }

@@ -648,6 +648,29 @@ test("engines: bad input breaks only what it targets; other connections keep run
   }
 });
 
+test("engines: a call fd that is not a writable eventfd breaks its ring, not the process", async () => {
+  const p = await connectPair({ name: "eng-badcall", device: new NetTestDevice({ mode: "sink" }) });
+  const [r, w] = native.pipe(true);
+  try {
+    // no EVENT_IDX: every used batch notifies
+    await p.fe.negotiate({ features: featureSet(VirtioFeature.VERSION_1) });
+    const [rx, tx] = await p.fe.start(p.ram, [64, 64]);
+    assert.ok(rx && tx);
+    // the read end of a pipe as queue 1's call fd: the device's notify write fails (EBADF)
+    await p.fe.request(FrontendRequest.SET_VRING_CALL, { index: 1, noFd: false }, [r]);
+    assert.notEqual(tx.sendFrame(frame(1)), null);
+    await until(() => p.session.vrings[1]?.broken != null, "queue 1 broken");
+    assert.match(p.session.vrings[1]?.broken ?? "", /call fd/);
+    assert.equal(p.session.closed, false, "the connection goes on");
+    assert.equal(await p.fe.getQueueNum(), 1);
+    assert.equal(p.session.vrings[0]?.broken, null, "the other ring is fine");
+  } finally {
+    native.close(r);
+    native.close(w);
+    p.close();
+  }
+});
+
 test("engines: every fd is released once everything is closed", async () => {
   await sleep(20);
   const leaked = [...openFds()].filter((fd) => !FDS_AT_START.has(fd)).map(describeFd);

@@ -16,7 +16,14 @@ import {
   saveStream,
 } from "../src/migration/stream.js";
 import type { MigrationStage, MigrationVersion } from "../src/migration/stream.js";
-import { MigrationStreamError, crc32, isMigrationStreamError } from "../src/migration/index.js";
+import {
+  MigrationStreamError,
+  crc32,
+  isMigrationStreamError,
+  readStateFromFd,
+  writeStateToFd,
+} from "../src/migration/index.js";
+import { native } from "../src/native.js";
 
 /** A toy device: a name, counters and a list of MACs, as a device author would have. */
 interface Toy {
@@ -444,5 +451,51 @@ test("malformed version tables are refused at definition", () => {
       () => new MigrationFormat(v),
       (e) => isMigrationStreamError(e, "BAD_DEFINITION"),
     );
+  }
+});
+
+test("state transfer over a pipe: exact bytes in any chunking, TOO_LARGE past the cap, ABORTED", async () => {
+  const data = Uint8Array.from({ length: 200_003 }, (_, i) => (i * 31 + 7) & 0xff);
+  {
+    const [r, w] = native.pipe(true);
+    const [got] = await Promise.all([
+      readStateFromFd(r, { maxBytes: 1 << 20 }),
+      writeStateToFd(w, data),
+    ]);
+    assert.equal(Buffer.compare(got, data), 0, "bytes arrive unchanged");
+  }
+  {
+    // a writer trickling small chunks: the reader keeps only what arrived
+    const [r, w] = native.pipe(true);
+    const reading = readStateFromFd(r, { maxBytes: 1 << 20 });
+    for (let off = 0; off < 3000; off += 7) {
+      native.write(w, data, off, Math.min(7, 3000 - off));
+      await new Promise((res) => setImmediate(res));
+    }
+    native.close(w);
+    const got = await reading;
+    assert.equal(Buffer.compare(got, data.subarray(0, 3000)), 0);
+  }
+  {
+    const [r, w] = native.pipe(true);
+    const reading = readStateFromFd(r, { maxBytes: 1000 });
+    const writing = writeStateToFd(w, data).catch((e: unknown) => e);
+    await assert.rejects(
+      reading,
+      (e: unknown) => e instanceof MigrationStreamError && e.reason === "TOO_LARGE",
+    );
+    const werr = await writing;
+    assert.ok(werr instanceof MigrationStreamError, "the writer sees the reader go (EPIPE)");
+  }
+  {
+    const [r, w] = native.pipe(true);
+    const ac = new AbortController();
+    const reading = readStateFromFd(r, { maxBytes: 1000, signal: ac.signal });
+    ac.abort();
+    await assert.rejects(
+      reading,
+      (e: unknown) => e instanceof MigrationStreamError && e.reason === "ABORTED",
+    );
+    native.close(w);
   }
 });

@@ -14,6 +14,7 @@ import type { AddressInfo, Server, Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
+import type { BackendQueue } from "../src/backend/device.js";
 import { serveBackend } from "../src/backend/server.js";
 import type { BackendServer } from "../src/backend/server.js";
 import { NetTestDevice } from "../src/devices/net-test-device.js";
@@ -32,6 +33,7 @@ import {
 } from "../src/orchestrator/index.js";
 import type { IncomingResult, MigrationResult } from "../src/orchestrator/index.js";
 import { VirtioFeature, featureSet } from "../src/protocol/constants.js";
+import type { QueueBase } from "../src/virtq/types.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x11]);
 const R_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x22]);
@@ -64,8 +66,13 @@ async function until(what: string, cond: () => boolean, ms = 8000): Promise<void
 /** A device that keeps every frame and can save/load its counters (or refuse to load). */
 class StatefulSink extends NetTestDevice {
   refuse = false;
+  /** take nothing from the rings (buffers made available stay in flight) */
+  hold = false;
   constructor() {
     super({ mode: "sink", keepFrames: true });
+  }
+  override processQueue(queue: BackendQueue): void {
+    if (!this.hold) super.processQueue(queue);
   }
   saveState(): Uint8Array {
     return Buffer.from(JSON.stringify({ counters: this.counters[0] }));
@@ -314,14 +321,55 @@ for (const packed of [false, true]) {
         });
       });
       server = l.server;
+      const srcTx = p.fe.queue(1);
+      const txA = (): number => p.devA.counters[0]?.txPackets ?? 0;
+      // Packed: at the pause, A stops taking buffers (at a ring position other than the
+      // initial one) and the guest makes 16 more available, so that they are in flight at the
+      // stop; the destination must take them from the source's ring position.
+      const holdingGuest = {
+        pause: async (): Promise<void> => {
+          p.devA.hold = true;
+          while (txA() % 512 === 0) {
+            p.devA.hold = false;
+            const n = txA();
+            await until("A moves off the initial ring position", () => txA() > n);
+            p.devA.hold = true;
+          }
+          const n0 = p.gen.nextSeq;
+          await until("buffers in flight while A holds", () => p.gen.nextSeq >= n0 + 16);
+          p.gen.pause();
+        },
+        resume: (): void => p.gen.resume(),
+        saveState: (): Uint8Array => p.gen.saveState(),
+      };
       const res = await migrateSource({
         frontend: p.fe,
         stream: await connect(l.port),
-        guest: p.gen,
+        guest: packed ? holdingGuest : p.gen,
         verifyMemory: true,
       });
       p.gen.stop();
       dst = await (incoming as unknown as Promise<IncomingResult>);
+      if (packed) {
+        // The ring continues where the source stopped: B got SET_VRING_BASE with what A's
+        // GET_VRING_BASE returned (avail idx + wrap, used idx + wrap), not the initial position.
+        const srcBase = srcTx?.stoppedBase ?? null;
+        const dstSetBase: QueueBase | null = p.srvB.session?.vrings[1]?.base ?? null;
+        assert.ok(srcBase !== null && dstSetBase !== null);
+        assert.deepEqual(dstSetBase, srcBase, "SET_VRING_BASE on B = GET_VRING_BASE on A");
+        assert.notDeepEqual(
+          srcBase,
+          { availIdx: 0, availWrap: true, usedIdx: 0, usedWrap: true },
+          "the ring stopped away from its initial position",
+        );
+        assert.equal(srcBase.availIdx, txA() % 256, "A's position is the frames it took");
+        assert.equal(srcBase.availWrap, Math.floor(txA() / 256) % 2 === 0);
+        const dstTx = dst.queues.find((q) => q.index === 1);
+        assert.ok(
+          (dstTx?.outstanding ?? 0) >= 16,
+          `buffers in flight at the stop: ${dstTx?.outstanding ?? 0}`,
+        );
+      }
       assert.equal(res.deviceStateTransferred, true);
       assert.ok(res.backendStateBytes > 10);
       assert.equal(dst.backendStateBytes, res.backendStateBytes);
@@ -348,6 +396,17 @@ for (const packed of [false, true]) {
         atStop + seqsOf(p.devB.frames).length,
         "B's counter continues from A's",
       );
+      if (packed) {
+        // The frames in flight at the stop went out once, through B, right after A's last one.
+        const onA = seqsOf(p.devA.frames);
+        const onB = seqsOf(p.devB.frames);
+        assert.equal(onB[0], onA.length, "B starts with the first frame A had not taken");
+        assert.deepEqual(
+          [...onA, ...onB],
+          Array.from({ length: onA.length + onB.length }, (_, i) => i),
+          "every frame once, in order, across A and B",
+        );
+      }
     } finally {
       stopLater?.stop();
       server?.close();

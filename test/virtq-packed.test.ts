@@ -959,6 +959,232 @@ test("getBase() reports the published used position, not pushed-but-unpublished 
   assert.equal(dev.inFlight, 1);
 });
 
+function ringBytes(mem: GuestMemory, ring: Layout): Uint8Array {
+  const out = new Uint8Array(ring.deviceEvent + 4 - ring.desc);
+  mem.read(ring.desc, out);
+  return out;
+}
+
+/** JSON round trip, as the migration stream carries the position. */
+function viaJson<T>(v: T): T {
+  return JSON.parse(JSON.stringify(v)) as T;
+}
+
+test("driver position restore: continues at the source's position, in flight processed once", () => {
+  const size = 4;
+  const { mem, ring, drv, dev } = setup(size);
+  const seg = (len: number): Segment[] => [{ gpa: gpa(BUF_BASE), len, writable: true }];
+  const a = drv.add(seg(1), "A");
+  const b = drv.add(seg(2), "B");
+  const c = drv.add(seg(3), "C");
+  drv.kick();
+  for (let k = 0; k < 2; k++) dev.pushUsed(dev.pop() as DescChain, k + 1);
+  dev.publish();
+  assert.equal(drv.getUsed()?.token, "A");
+  // Stop: the device has used A and B; the driver collected A only; C is in flight.
+  const base = dev.getBase();
+  assert.deepEqual(base, { availIdx: 2, availWrap: true, usedIdx: 2, usedWrap: true });
+  const pos = viaJson(drv.position());
+  assert.deepEqual(
+    { ...pos, inFlight: pos.inFlight.map((x) => x.id).sort() },
+    {
+      availIdx: 3,
+      availWrap: true,
+      usedIdx: 1,
+      usedWrap: true,
+      inFlight: [b, c].sort(),
+      freeIds: pos.freeIds,
+      pendingHeads: [],
+      pendingDescs: 0,
+    },
+  );
+  assert.deepEqual([...pos.freeIds, b, c].sort(), [0, 1, 2, 3]);
+  assert.ok(pos.freeIds.includes(a as number), "A's id is free again");
+  const before = ringBytes(mem, ring);
+  const tokens = new Map<number, unknown>([
+    [b as number, "B"],
+    [c as number, "C"],
+  ]);
+  const drv2 = new PackedDriverQueue(mem, {
+    ...ring,
+    eventIdx: false,
+    restore: { position: pos, tokens },
+  });
+  assert.deepEqual(ringBytes(mem, ring), before, "restoring must not touch the ring memory");
+  assert.deepEqual(drv2.position(), pos);
+  assert.equal(drv2.freeCount, 2);
+  const dev2 = new PackedDeviceQueue(mem, {
+    ...ring,
+    eventIdx: false,
+    base: packedBaseFromNum(packedBaseToNum(base)),
+  });
+  // B was used before the stop but not collected: collected now, with its id and length.
+  assert.deepEqual(drv2.getUsed(), { id: b, len: 2, token: "B" });
+  // D at position 3, E at position 0 of the next lap: the avail wrap counter flips.
+  const d = drv2.add(seg(4), "D");
+  const e = drv2.add(seg(5), "E");
+  assert.ok(d !== null && e !== null);
+  assert.equal(new Set([c, d, e]).size, 3, "ids in flight are distinct");
+  // The free list continues in its order: B's id (freed last) first, then the snapshot's last.
+  assert.equal(d, b, "free ids continue in their order");
+  assert.equal(e, pos.freeIds[pos.freeIds.length - 1], "free ids continue in their order");
+  assert.deepEqual(
+    [drv2.position().availIdx, drv2.position().availWrap],
+    [1, false],
+    "avail wrap counter flips at the end of the ring",
+  );
+  drv2.kick();
+  // E's head at position 0, second lap: available for driver wrap counter 0.
+  assert.equal(
+    readRaw(mem, DESC).flags & (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED),
+    availFlags(false),
+  );
+  const seen: number[] = [];
+  for (let ch = dev2.pop(); ch !== null; ch = dev2.pop()) {
+    seen.push(ch.head);
+    dev2.pushUsed(ch, ch.writableLength);
+  }
+  assert.deepEqual(seen, [c, d, e], "C (in flight at the stop), D, E: each once, in order");
+  dev2.publish();
+  assert.equal(dev2.pop(), null);
+  const got: { id: number; len: number; token: unknown }[] = [];
+  for (let u = drv2.getUsed(); u !== null; u = drv2.getUsed()) got.push(u);
+  assert.deepEqual(got, [
+    { id: c, len: 3, token: "C" },
+    { id: d, len: 4, token: "D" },
+    { id: e, len: 5, token: "E" },
+  ]);
+  const end = drv2.position();
+  assert.deepEqual(
+    [end.usedIdx, end.usedWrap, end.inFlight, end.freeIds.length],
+    [1, false, [], size],
+    "used wrap counter flips at the end of the ring; every id is free again",
+  );
+  assert.deepEqual(dev2.getBase(), {
+    availIdx: 1,
+    availWrap: false,
+    usedIdx: 1,
+    usedWrap: false,
+  });
+});
+
+test("driver position restore: random traffic over many laps, tokens exactly once", () => {
+  for (const [size, seed] of [
+    [7, 1],
+    [16, 2],
+    [100, 3],
+  ] as const) {
+    const env = setup(size);
+    const { mem, ring } = env;
+    let drv = env.drv;
+    let dev = env.dev;
+    const r = rng(seed);
+    const idOf = new Map<number, number>();
+    const tokenOfId = new Map<number, number>();
+    const got: number[] = [];
+    const wraps = new Set<boolean>();
+    let next = 0;
+    let restores = 0;
+    const total = size * 12;
+    const collect = (max: number): void => {
+      for (let k = 0; k < max; k++) {
+        const u = drv.getUsed();
+        if (u === null) return;
+        const seq = u.token as number;
+        assert.equal(u.id, idOf.get(seq), `buffer ${seq} came back with another id`);
+        assert.equal(u.len, seq % 5);
+        tokenOfId.delete(u.id);
+        got.push(seq);
+      }
+    };
+    for (let round = 0; round < 2000 && got.length < total; round++) {
+      for (let k = r(4); k > 0 && next < total; k--) {
+        const n = 1 + r(3);
+        const segs: Segment[] = [];
+        for (let i = 0; i < n; i++) segs.push({ gpa: gpa(BUF_BASE), len: 8, writable: true });
+        const id = drv.add(segs, next);
+        if (id === null) break;
+        idOf.set(next, id);
+        tokenOfId.set(id, next);
+        next++;
+      }
+      if (r(3) !== 0) drv.kick();
+      for (let k = r(5); k > 0; k--) {
+        const ch = dev.pop();
+        if (ch === null) break;
+        dev.pushUsed(ch, (tokenOfId.get(ch.head) as number) % 5);
+      }
+      dev.publish();
+      collect(r(4));
+      wraps.add(drv.position().usedWrap);
+      if (r(4) === 0) {
+        // Migration: the device stopped with nothing popped and not used; the driver has
+        // (possibly) used buffers not yet collected and (possibly) heads not yet published.
+        const base = packedBaseFromNum(packedBaseToNum(dev.getBase()));
+        const pos = viaJson(drv.position());
+        drv = new PackedDriverQueue(mem, {
+          ...ring,
+          eventIdx: false,
+          restore: { position: pos, tokens: new Map(tokenOfId) },
+        });
+        dev = new PackedDeviceQueue(mem, { ...ring, eventIdx: false, base });
+        assert.deepEqual(drv.position(), pos);
+        restores++;
+      }
+    }
+    drv.kick();
+    for (let ch = dev.pop(); ch !== null; ch = dev.pop()) {
+      dev.pushUsed(ch, (tokenOfId.get(ch.head) as number) % 5);
+    }
+    dev.publish();
+    collect(Infinity);
+    assert.ok(restores > 10, `only ${restores} restores`);
+    assert.deepEqual(wraps, new Set([true, false]), "the used wrap counter flipped");
+    assert.equal(got.length, next, `size ${size}: ${got.length} of ${next} buffers back`);
+    assert.equal(new Set(got).size, got.length, `size ${size}: a buffer came back twice`);
+    assert.equal(drv.freeCount, size);
+  }
+});
+
+test("driver position restore: a position that does not fit the ring is a VirtqueueError", () => {
+  const { mem, ring, drv } = setup(8);
+  drv.add([{ gpa: gpa(BUF_BASE), len: 4, writable: false }], 1);
+  drv.add(
+    [
+      { gpa: gpa(BUF_BASE), len: 4, writable: false },
+      { gpa: gpa(BUF_BASE), len: 4, writable: false },
+    ],
+    2,
+  );
+  drv.kick();
+  const good = drv.position();
+  const opts = { ...ring, eventIdx: false };
+  const make = (position: typeof good) => () =>
+    new PackedDriverQueue(mem, { ...opts, restore: { position } });
+  assert.ok(make(good)() instanceof PackedDriverQueue);
+  assertVqError(make({ ...good, availIdx: 8 }), "position.availIdx", 8);
+  assertVqError(make({ ...good, usedIdx: 2 }), "position.inFlight.count", 3);
+  const [first, second] = good.inFlight as [
+    { id: number; count: number },
+    { id: number; count: number },
+  ];
+  assertVqError(
+    make({ ...good, inFlight: [first, { id: first.id, count: second.count }] }),
+    "position.inFlight.id",
+    first.id,
+  );
+  assertVqError(
+    make({ ...good, freeIds: [...good.freeIds.slice(1), first.id] }),
+    "position.freeIds",
+    first.id,
+  );
+  assertVqError(
+    make({ ...good, pendingHeads: [{ pos: 9, flags: 0 }] }),
+    "position.pendingHeads.pos",
+    9,
+  );
+});
+
 test("packed vring base encoding: bit layout and range checks", () => {
   assert.equal(
     packedBaseToNum({ availIdx: 5, availWrap: true, usedIdx: 0x7fff, usedWrap: true }),

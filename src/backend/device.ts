@@ -58,6 +58,14 @@ export interface BackendQueue {
    * @returns the number of bytes copied (less than src.length when the chain is too short)
    */
   write(chain: DescChain, src: Uint8Array, offset?: number): number;
+  /** why the queue was marked broken (it is then no longer processed), or null */
+  readonly broken: string | null;
+  /**
+   * Mark the queue broken: it is no longer processed and the front-end is told through the
+   * ring's err eventfd. For a device that finds a buffer it cannot make sense of.
+   * @param reason what was wrong, naming the field and the value
+   */
+  markBroken(reason: string): void;
   /** The guest memory this queue works on (for zero-copy devices). LIFETIME: until the next memory-table change. */
   readonly memory: GuestMemory;
 }

@@ -103,8 +103,18 @@ class WorkerRing implements BackendQueue {
     }
     if (notify && this.callFd >= 0) {
       this.calls++;
-      native.eventfdWrite(this.callFd, 1);
+      try {
+        native.eventfdWrite(this.callFd, 1);
+      } catch (err) {
+        // A call fd that is not a writable eventfd breaks the ring (reported to the main
+        // thread like any other broken ring), it does not kill the worker.
+        this.broken = `call fd ${this.callFd}: ${err instanceof Error ? err.message : String(err)}`;
+      }
     }
+  }
+
+  markBroken(reason: string): void {
+    if (this.broken === null) this.broken = reason;
   }
 
   read(chain: DescChain, dst: Uint8Array, offset = 0): number {

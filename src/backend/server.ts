@@ -22,7 +22,7 @@ export interface ServeOptions {
   logger?: Logger;
   /** client mode: first and largest delay between connection attempts (ms) */
   reconnectDelayMs?: { min: number; max: number };
-  /** server mode: remove a stale socket file at `path` first (default true) */
+  /** server mode: remove a socket file left at `path` by a process that is gone first (default true); a socket another server listens on is refused */
   unlinkStale?: boolean;
   /**
    * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
@@ -133,14 +133,28 @@ export class BackendServer extends EventEmitter {
   }
 
   #startSession(fd: number): void {
-    const channel = new Channel(fd, { role: "backend", kind: "main", name: this.path });
-    const session = new BackendSession(channel, this.device, {
-      name: this.path,
-      logger: this.log,
-      ...(this.#pollTurns !== undefined ? { pollTurns: this.#pollTurns } : {}),
-      ...(this.#ownStateChannel !== undefined ? { ownStateChannel: this.#ownStateChannel } : {}),
-      ...(this.#maxStateBytes !== undefined ? { maxStateBytes: this.#maxStateBytes } : {}),
-    });
+    let channel: Channel<"main">;
+    let session: BackendSession;
+    try {
+      channel = new Channel(fd, { role: "backend", kind: "main", name: this.path });
+    } catch (err) {
+      // The channel closed fd; this connection is lost, the server goes on.
+      this.log.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
+      return;
+    }
+    try {
+      session = new BackendSession(channel, this.device, {
+        name: this.path,
+        logger: this.log,
+        ...(this.#pollTurns !== undefined ? { pollTurns: this.#pollTurns } : {}),
+        ...(this.#ownStateChannel !== undefined ? { ownStateChannel: this.#ownStateChannel } : {}),
+        ...(this.#maxStateBytes !== undefined ? { maxStateBytes: this.#maxStateBytes } : {}),
+      });
+    } catch (err) {
+      this.log.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
+      channel.close();
+      return;
+    }
     this.#session = session;
     this.log.info(`${this.path}: front-end connected`);
     session.on("error", (err: Error) => {
@@ -188,10 +202,30 @@ export function serveBackend(device: VhostUserDevice, options: ServeOptions): Ba
   return new BackendServer(device, options);
 }
 
+/**
+ * Remove a socket file left by a process that is gone; refuse one that is alive (another
+ * server listens on it) or anything that is not a socket.
+ */
 function removeStaleSocket(path: string): void {
   try {
-    if (lstatSync(path).isSocket()) unlinkSync(path);
-  } catch {
-    // does not exist
+    if (!lstatSync(path).isSocket()) {
+      throw new Error(`${path} exists and is not a socket`);
+    }
+  } catch (err) {
+    if ((err as { code?: string }).code === "ENOENT") return;
+    throw err;
   }
+  let fd = -1;
+  try {
+    // A Unix stream connect completes at once: success means somebody listens there.
+    fd = native.unixConnect(path);
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code !== "ECONNREFUSED" && code !== "ENOENT") throw err;
+  }
+  if (fd >= 0) {
+    native.close(fd);
+    throw new Error(`${path} is in use (another server listens on it)`);
+  }
+  unlinkSync(path);
 }

@@ -288,7 +288,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     vring.flush();
     if (this.#logFd >= 0 && this.#memory?.log) {
       // SET_LOG_FD: tell the front-end the log changed. Best effort: the counter may be full.
-      native.eventfdWrite(this.#logFd, 1);
+      try {
+        native.eventfdWrite(this.#logFd, 1);
+      } catch (err) {
+        // Not a writable eventfd (the front-end chose it): stop using it, keep serving.
+        this.log.error(
+          `${this.name}: log fd ${this.#logFd}: ${err instanceof Error ? err.message : String(err)}; no longer kicked`,
+        );
+        native.close(this.#logFd);
+        this.#logFd = -1;
+      }
     }
   }
 
@@ -373,7 +382,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         this.channel.reply(msg.request, 0n);
         return;
       case FrontendRequest.GET_VRING_BASE:
-        this.channel.reply(msg.request, { index: 0, num: 0 });
+        this.channel.reply(msg.request, { index: msg.payload.index, num: 0 });
         return;
       case FrontendRequest.GET_CONFIG:
         this.channel.reply(msg.request, {

@@ -640,7 +640,15 @@ export class Vring implements BackendQueue {
     }
     if (notify && this.callFd >= 0) {
       this.calls++;
-      native.eventfdWrite(this.callFd, 1);
+      try {
+        native.eventfdWrite(this.callFd, 1);
+      } catch (err) {
+        // The front-end chose this fd (SET_VRING_CALL): one that is not a writable eventfd
+        // breaks this ring, not the process.
+        this.markBroken(
+          `call fd ${this.callFd}: ${err instanceof Error ? err.message : String(err)}`,
+        );
+      }
     }
   }
 

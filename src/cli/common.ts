@@ -3,6 +3,7 @@
  * paths (computed when a command runs, never at import time) and the statistics snapshot that
  * the switch serves on its control socket and `vhostkit stats` prints.
  */
+import { lstatSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import type { Logger } from "../backend/device.js";
 import type { MacTableEntry, SwitchStats } from "../net/switch.js";
@@ -71,6 +72,27 @@ export function stderrLogger(io: CliIo, prefix: string, verbose: boolean): Logge
 export function defaultRuntimeDir(env: Readonly<Record<string, string | undefined>>): string {
   const xdg = env.XDG_RUNTIME_DIR;
   return join(xdg !== undefined && xdg !== "" ? xdg : "/tmp", "vhostkit");
+}
+
+/**
+ * Create a directory only this user may enter (mode 0700), or check that an existing one is
+ * that: a directory, not a symlink, owned by this user, with no group or other permissions.
+ * A shared directory such as `/tmp/vhostkit` made by someone else could otherwise hand them
+ * the sockets (and, through them, the guests' memory).
+ * @param dir the directory
+ * @throws Error naming the directory and what is wrong with it
+ */
+export function ensurePrivateDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = lstatSync(dir);
+  if (!st.isDirectory()) throw new Error(`${dir} is not a directory`);
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid) {
+    throw new Error(`${dir} belongs to uid ${st.uid}, not to this user (uid ${uid})`);
+  }
+  if ((st.mode & 0o077) !== 0) {
+    throw new Error(`${dir} is open to other users (mode 0${(st.mode & 0o777).toString(8)})`);
+  }
 }
 
 /**

@@ -6,7 +6,7 @@
  * is serving it writes the line `vhostkit switch: ready`. SIGINT and SIGTERM close every port
  * and uplink and remove the sockets it created.
  */
-import { mkdirSync, lstatSync, unlinkSync } from "node:fs";
+import { lstatSync, unlinkSync } from "node:fs";
 import { createConnection, createServer } from "node:net";
 import type { Server } from "node:net";
 import { dirname } from "node:path";
@@ -16,7 +16,16 @@ import { Switch } from "../net/switch.js";
 import { addVhostUserPort, describeNetFeatures, MAX_QUEUE_PAIRS } from "../net/virtio-net.js";
 import type { VhostUserPort } from "../net/virtio-net.js";
 import { formatMac, parseMac } from "../net/frame.js";
-import { ExitCode, UsageError, controlPathFor, defaultSocketPath, stderrLogger } from "./common.js";
+import { openUplink, parseUplinkSpec } from "../net/uplink.js";
+import type { UplinkSpec } from "../net/uplink.js";
+import {
+  ExitCode,
+  UsageError,
+  controlPathFor,
+  defaultSocketPath,
+  ensurePrivateDir,
+  stderrLogger,
+} from "./common.js";
 import type { CliIo, StatsSnapshot } from "./common.js";
 
 /** The line written to stderr once every port is serving (tests wait for it). */
@@ -135,8 +144,8 @@ export function parseSwitchArgs(
     throw new UsageError(`--mtu must be an integer in 68..65535 (got ${mText})`);
   }
   const aText = v.ageing ?? "300";
-  if (!/^\d+(\.\d+)?$/.test(aText) || !(Number(aText) > 0)) {
-    throw new UsageError(`--ageing must be a positive number of seconds (got ${aText})`);
+  if (!/^\d+(\.\d+)?$/.test(aText) || !(Number(aText) >= 0.001)) {
+    throw new UsageError(`--ageing must be a number of seconds >= 0.001 (got ${aText})`);
   }
   if (v.control === "") throw new UsageError("--control: empty path");
   return {
@@ -235,20 +244,28 @@ async function listenControl(
   return srv;
 }
 
-function waitForStop(log: Logger, signal: AbortSignal | undefined): Promise<void> {
+function waitForStop(
+  log: Logger,
+  signal: AbortSignal | undefined,
+  stop: AbortController,
+): Promise<void> {
   return new Promise<void>((resolve) => {
-    const done = (why: string): void => {
+    const done = (why: string | null): void => {
       process.off("SIGINT", onInt);
       process.off("SIGTERM", onTerm);
       signal?.removeEventListener("abort", onAbort);
-      log.info(`${why}: shutting down`);
+      stop.signal.removeEventListener("abort", onStop);
+      if (why !== null) log.info(`${why}: shutting down`);
+      if (!stop.signal.aborted) stop.abort();
       resolve();
     };
     const onInt = (): void => done("SIGINT");
     const onTerm = (): void => done("SIGTERM");
     const onAbort = (): void => done("stop requested");
+    const onStop = (): void => done(null);
     process.on("SIGINT", onInt);
     process.on("SIGTERM", onTerm);
+    stop.signal.addEventListener("abort", onStop);
     if (signal?.aborted) onAbort();
     else signal?.addEventListener("abort", onAbort);
   });
@@ -294,25 +311,18 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
   const log = stderrLogger(io, "vhostkit switch", o.verbose);
 
   // Uplinks are parsed before anything is opened, so a bad spec is a usage error.
-  type UplinkModule = typeof import("../net/uplink.js");
-  let uplinkMod: UplinkModule | null = null;
-  const specs: ReturnType<UplinkModule["parseUplinkSpec"]>[] = [];
-  if (o.uplinks.length > 0) {
+  const specs: UplinkSpec[] = [];
+  for (const text of o.uplinks) {
     try {
-      uplinkMod = await import("../net/uplink.js");
+      specs.push(parseUplinkSpec(text));
     } catch (err) {
-      log.error(`uplinks are not available in this build: ${(err as Error).message}`);
-      return ExitCode.FAILURE;
-    }
-    for (const text of o.uplinks) {
-      try {
-        specs.push(uplinkMod.parseUplinkSpec(text));
-      } catch (err) {
-        io.stderr(`vhostkit switch: --uplink ${text}: ${(err as Error).message}\n`);
-        return ExitCode.USAGE;
-      }
+      io.stderr(`vhostkit switch: --uplink ${text}: ${(err as Error).message}\n`);
+      return ExitCode.USAGE;
     }
   }
+  // Signals are taken from here on, so one during start-up still removes what was created.
+  const stop = new AbortController();
+  const stopped = waitForStop(log, signal, stop);
 
   const started = Date.now();
   const sw = new Switch({ logger: log, ageingMs: o.ageingMs });
@@ -361,8 +371,9 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
   };
 
   try {
-    if (o.defaultPort) mkdirSync(dirname(o.sockets[0] as string), { recursive: true, mode: 0o700 });
+    if (o.defaultPort) ensurePrivateDir(dirname(o.sockets[0] as string));
     o.sockets.forEach((path, i) => {
+      if (stop.signal.aborted) return;
       const mac = o.macs[i];
       let port: VhostUserPort;
       try {
@@ -383,17 +394,18 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
           `(${o.queues} queue pair(s)${mac !== undefined ? `, mac ${mac}` : ""})`,
       );
     });
-    if (uplinkMod !== null) {
-      for (const spec of specs) {
-        const u = await uplinkMod.openUplink(sw, spec, log);
-        uplinks.push(u);
-        log.info(`uplink ${u.name}: open`);
-      }
+    for (const spec of specs) {
+      if (stop.signal.aborted) break;
+      const u = await openUplink(sw, spec, log);
+      uplinks.push(u);
+      log.info(`uplink ${u.name}: open`);
     }
-    control = await listenControl(o.control, snapshot, log);
+    if (!stop.signal.aborted) control = await listenControl(o.control, snapshot, log);
     log.info(`statistics on ${o.control} (vhostkit stats --control ${o.control})`);
   } catch (err) {
     log.error(`cannot start: ${(err as Error).message}`);
+    stop.abort();
+    await stopped;
     closeAll();
     return ExitCode.FAILURE;
   }
@@ -418,8 +430,8 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
         .join(""),
     );
   }
-  io.stderr(`${READY_LINE}\n`);
-  await waitForStop(log, signal);
+  if (!stop.signal.aborted) io.stderr(`${READY_LINE}\n`);
+  await stopped;
   closeAll();
   return ExitCode.OK;
 }

@@ -19,6 +19,10 @@ export const NET_HDR_SIZE = 12;
 
 /** Most chains handled per queue per turn before yielding to the event loop. */
 const BUDGET = 512;
+/** Largest chain accepted on TX: a 64 KiB frame plus header and slack. Larger ones are dropped. */
+const MAX_CHAIN_BYTES = 65_536 + 512;
+/** Echo frames kept for a driver that posts no receive buffers; more are dropped. */
+const MAX_PENDING = 4096;
 
 /** What the device does with transmitted frames. */
 export type NetTestMode = "sink" | "echo" | "source";
@@ -207,8 +211,11 @@ export class NetTestDevice implements VhostUserDevice {
     let budget = BUDGET;
     let chain: DescChain | null;
     while (budget-- > 0 && (chain = queue.pop()) !== null) {
-      const len = chain.readableLength - NET_HDR_SIZE;
-      if (!queue.enabled) {
+      const len = Math.max(0, chain.readableLength - NET_HDR_SIZE);
+      const echoFull = this.mode === "echo" && this.#pending[pair]!.length >= MAX_PENDING;
+      if (!queue.enabled || chain.readableLength > MAX_CHAIN_BYTES || echoFull) {
+        // disabled ring, a chain larger than any frame (a guest can make one of up to 4 GiB
+        // by reusing one buffer), or an echo backlog the driver does not drain: drop
         c.dropped++;
       } else {
         c.txPackets++;
@@ -267,8 +274,13 @@ export class NetTestDevice implements VhostUserDevice {
     setImmediate(() => {
       this.#scheduled.delete(queue.index);
       const q = this.#ctx?.queue(queue.index);
-      if (q?.started) {
-        this.processQueue(q);
+      if (q?.started && q.broken === null) {
+        try {
+          this.processQueue(q);
+        } catch (err) {
+          q.markBroken(`device error: ${err instanceof Error ? err.message : String(err)}`);
+          return;
+        }
         q.flush();
       }
     });

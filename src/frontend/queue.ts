@@ -11,6 +11,7 @@ import type { FdWatcher } from "../native.js";
 import type { Gpa } from "../memory/address.js";
 import { SplitDriverQueue } from "../virtq/split.js";
 import { PackedDriverQueue } from "../virtq/packed.js";
+import type { PackedDriverPosition } from "../virtq/packed.js";
 import type { QueueBase, Segment } from "../virtq/types.js";
 import { packedRingSizes, splitRingSizes } from "../virtq/layout.js";
 import type { GuestRam } from "./guest-ram.js";
@@ -120,9 +121,17 @@ export interface DriverSnapshot {
   lastUsedIdx: number;
   /** buffers made available and not used yet, in the order they were added */
   outstanding: {
+    /** buffer id (packed: the id in the ring; split: the head index); absent in old snapshots */
+    id?: number;
     segments: { gpa: number; len: number; writable: boolean }[];
     token: TokenSnapshot;
   }[];
+  /**
+   * packed: the driver's ring position (next avail / next used position and wrap counters,
+   * in-flight ids and extents, free ids); the destination continues there over the migrated
+   * ring memory. Absent for split rings (and in old snapshots: the buffers are re-posted).
+   */
+  packedPosition?: PackedDriverPosition;
   /** used buffers taken from the ring and not yet handed to the application */
   ready: { id: number; len: number; token: TokenSnapshot }[];
   /** the net-helper pool: GPA of slot 0, or null before first use */
@@ -209,6 +218,13 @@ export class FrontendQueue extends EventEmitter {
   #pool: Gpa | null = null;
   #freeSlots: number[] = [];
   #disposed = false;
+  /**
+   * packed: the ring memory (descriptor ring, driver and device event areas) as it was before
+   * the constructor initialised it, kept until the first add() or restoreSnapshot(): a
+   * migration destination continues on the migrated ring rather than on a zeroed one.
+   */
+  #ringBeforeInit: { desc: Uint8Array; driverEvent: Uint8Array; deviceEvent: Uint8Array } | null =
+    null;
 
   /**
    * Build the driver side over ring memory the front-end allocated (use
@@ -229,6 +245,14 @@ export class FrontendQueue extends EventEmitter {
     this.#callFd = init.callFd;
     this.#errFd = init.errFd;
     this.#bufferRegion = init.bufferRegion;
+    if (this.packed) {
+      const sizes = packedRingSizes(this.size);
+      this.#ringBeforeInit = {
+        desc: init.ram.read(this.ring.desc, sizes.desc),
+        driverEvent: init.ram.read(this.ring.avail, sizes.driverEvent),
+        deviceEvent: init.ram.read(this.ring.used, sizes.deviceEvent),
+      };
+    }
     this.#driver = this.#buildDriver(init.ram, init.startIdx);
     if (this.#errFd >= 0) {
       const w = new native.FdWatcher(this.#errFd, (_ev, err) => {
@@ -243,18 +267,23 @@ export class FrontendQueue extends EventEmitter {
     }
   }
 
-  #buildDriver(ram: GuestRam, startIdx: number): Driver {
+  #buildDriver(
+    ram: GuestRam,
+    startIdx: number,
+    restore?: { position: PackedDriverPosition; tokens: ReadonlyMap<number, unknown> },
+  ): Driver {
     // LIFETIME: the driver keeps views into `ram`'s mappings; rebind() replaces it before the
     // previous RAM may be closed, and dispose() drops nothing that could outlive `ram`.
     if (this.packed) {
-      return new PackedDriverQueue(ram.memory, {
+      const opts = {
         size: this.size,
         desc: this.ring.desc,
         driverEvent: this.ring.avail,
         deviceEvent: this.ring.used,
         eventIdx: this.eventIdx,
         indirect: false,
-      });
+      };
+      return new PackedDriverQueue(ram.memory, restore ? { ...opts, restore } : opts);
     }
     const opts = {
       size: this.size,
@@ -326,6 +355,7 @@ export class FrontendQueue extends EventEmitter {
    */
   add(segments: Segment[], token?: unknown): number | null {
     this.#checkLive("add");
+    this.#ringBeforeInit = null;
     const id = this.#driver.add(segments, token);
     if (id !== null) {
       this.#outstanding.set(id, { segments: segments.slice(), token });
@@ -748,10 +778,14 @@ export class FrontendQueue extends EventEmitter {
         indirectTable: this.ring.indirectTable,
       },
       lastUsedIdx: this.lastUsedIdx ?? 0,
-      outstanding: [...this.#outstanding.values()].map((o) => ({
+      outstanding: [...this.#outstanding].map(([id, o]) => ({
+        id,
         segments: o.segments.map(seg),
         token: tokenSnapshot(o.token, this.index),
       })),
+      ...(this.#driver instanceof PackedDriverQueue
+        ? { packedPosition: this.#driver.position() }
+        : {}),
       ready: this.#ready.map((u) => ({
         id: u.id,
         len: u.len,
@@ -765,18 +799,90 @@ export class FrontendQueue extends EventEmitter {
 
   /**
    * Load a snapshot into a queue freshly built over the same ring addresses (destination of a
-   * migration): the ring was initialised at the snapshot's last used index (split) or at
-   * position 0 (packed); the outstanding buffers are made available again in their order and
-   * published without a kick, the pool and the ready list are restored (receive data re-read
-   * from guest RAM).
+   * migration), then restore the pool and the ready list (receive data re-read from guest RAM).
+   * Packed ring with a `packedPosition`: the ring memory migrated with guest RAM is put back as
+   * it was before the constructor initialised it (call this right after construction, before
+   * any add(), as setupQueue does) and the driver continues at the source's position: buffers
+   * in flight stay where they are (the device finds them from the source's SET_VRING_BASE),
+   * used buffers not yet collected are collected from the ring, unpublished heads are published
+   * without a kick. Otherwise (split, or a packed snapshot without a position): the ring was
+   * initialised at the snapshot's last used index (split) or at position 0 (packed) and the
+   * outstanding buffers are made available again in their order and published without a kick.
    * @param snap the source's snapshot
-   * @throws Error when the queue is not fresh or a buffer cannot be added back
+   * @throws Error when the queue is not fresh, a buffer cannot be added back, the packed ring
+   *   memory is no longer available, or the outstanding ids disagree with the packed position;
+   *   VirtqueueError (field "position.*") for a packed position that does not fit the ring
+   * (VIRTIO 1.2 §2.8.21, §2.8.22; vhost-user "Migration")
    */
   restoreSnapshot(snap: DriverSnapshot): void {
     this.#checkLive("restoreSnapshot");
     if (this.#outstanding.size > 0 || this.#ready.length > 0) {
       throw new Error(`queue ${this.index}: restoreSnapshot needs a fresh queue`);
     }
+    const image = this.#ringBeforeInit;
+    this.#ringBeforeInit = null;
+    if (this.packed && snap.packedPosition !== undefined) {
+      this.#restorePacked(snap, snap.packedPosition, image);
+    } else {
+      this.#repost(snap);
+    }
+    this.#pool = snap.pool === null ? null : (snap.pool as Gpa);
+    this.#freeSlots = snap.freeSlots.slice();
+    for (const r of snap.ready) {
+      const token = tokenFromSnapshot(r.token);
+      let data: Uint8Array | null = null;
+      if (token instanceof PoolBuffer && token.receive) {
+        data = this.#ram.read(token.gpa, Math.min(r.len, this.bufferSize));
+      }
+      this.#ready.push({ id: r.id, len: r.len, token, data });
+    }
+  }
+
+  #restorePacked(
+    snap: DriverSnapshot,
+    position: PackedDriverPosition,
+    image: { desc: Uint8Array; driverEvent: Uint8Array; deviceEvent: Uint8Array } | null,
+  ): void {
+    if (image === null) {
+      throw new Error(
+        `queue ${this.index}: restoreSnapshot of a packed ring must come before any add(): ` +
+          "the migrated ring memory was initialised",
+      );
+    }
+    const inFlight = new Set(position.inFlight.map((b) => b.id));
+    const buffers = new Map<number, Outstanding>();
+    for (const o of snap.outstanding) {
+      if (o.id === undefined || !inFlight.has(o.id) || buffers.has(o.id)) {
+        throw new Error(
+          `queue ${this.index}: outstanding buffer id ${String(o.id)} is not in flight in the ` +
+            "packed ring position (or repeated)",
+        );
+      }
+      buffers.set(o.id, {
+        segments: o.segments.map((s) => ({ gpa: s.gpa as Gpa, len: s.len, writable: s.writable })),
+        token: tokenFromSnapshot(o.token),
+      });
+    }
+    if (buffers.size !== inFlight.size) {
+      throw new Error(
+        `queue ${this.index}: ${inFlight.size} buffers in flight in the packed ring position, ` +
+          `${buffers.size} outstanding in the snapshot`,
+      );
+    }
+    // The ring is not known to the device yet (SET_VRING_ADDR follows): put the migrated ring
+    // memory back, then continue on it.
+    this.#ram.write(this.ring.desc, image.desc);
+    this.#ram.write(this.ring.avail, image.driverEvent);
+    this.#ram.write(this.ring.used, image.deviceEvent);
+    const tokens = new Map<number, unknown>();
+    for (const [id, o] of buffers) tokens.set(id, o.token);
+    const driver = this.#buildDriver(this.#ram, 0, { position, tokens }) as PackedDriverQueue;
+    this.#driver = driver;
+    for (const [id, o] of buffers) this.#outstanding.set(id, o);
+    if (position.pendingHeads.length > 0) driver.kick();
+  }
+
+  #repost(snap: DriverSnapshot): void {
     for (const o of snap.outstanding) {
       const segments: Segment[] = o.segments.map((s) => ({
         gpa: s.gpa as Gpa,
@@ -791,16 +897,6 @@ export class FrontendQueue extends EventEmitter {
       this.#outstanding.set(id, { segments, token });
     }
     if (snap.outstanding.length > 0) this.#driver.kick();
-    this.#pool = snap.pool === null ? null : (snap.pool as Gpa);
-    this.#freeSlots = snap.freeSlots.slice();
-    for (const r of snap.ready) {
-      const token = tokenFromSnapshot(r.token);
-      let data: Uint8Array | null = null;
-      if (token instanceof PoolBuffer && token.receive) {
-        data = this.#ram.read(token.gpa, Math.min(r.len, this.bufferSize));
-      }
-      this.#ready.push({ id: r.id, len: r.len, token, data });
-    }
   }
 
   /** Stop watching and close the eventfds. Idempotent. */

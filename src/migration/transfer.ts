@@ -92,15 +92,21 @@ export async function readStateFromFd(
   fd: number,
   options: TransferOptions & { maxBytes: number },
 ): Promise<Uint8Array> {
-  const chunks: Uint8Array[] = [];
+  // Read straight into one buffer that doubles as it fills, capped at maxBytes + 1: memory
+  // stays proportional to the bytes received however the writer chunks them.
+  let out = new Uint8Array(Math.min(CHUNK, options.maxBytes + 1));
   let total = 0;
   try {
     native.setNonBlocking(fd, true);
     for (;;) {
-      const buf = new Uint8Array(CHUNK);
+      if (total === out.length) {
+        const grown = new Uint8Array(Math.min(out.length * 2, options.maxBytes + 1));
+        grown.set(out);
+        out = grown;
+      }
       let n: number | null;
       try {
-        n = native.read(fd, buf, 0, buf.length);
+        n = native.read(fd, out, total, out.length - total);
       } catch (err) {
         throw new MigrationStreamError("IO", `read from the transfer fd failed at byte ${total}`, {
           field: "fd",
@@ -120,16 +126,9 @@ export async function readStateFromFd(
           value: total,
         });
       }
-      chunks.push(buf.subarray(0, n));
     }
   } finally {
     native.close(fd);
   }
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.length;
-  }
-  return out;
+  return out.slice(0, total);
 }

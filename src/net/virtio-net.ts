@@ -822,8 +822,14 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     setImmediate(() => {
       this.#scheduled.delete(index);
       const q = this.#ctx?.queue(index);
-      if (q?.started) {
-        this.processQueue(q);
+      if (q?.started && q.broken === null) {
+        try {
+          this.processQueue(q);
+        } catch (err) {
+          // Outside the framework's guarded call: a failure breaks this ring, never the process.
+          q.markBroken(`device error: ${err instanceof Error ? err.message : String(err)}`);
+          return;
+        }
         q.flush();
       }
     });
@@ -915,7 +921,12 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       if (ctx === null) return;
       for (let p = 0; p < this.queuePairs; p++) {
         const q = ctx.queue(2 * p);
-        if (q !== undefined && q.started && this.#held[p]!.length > 0) this.#releaseHeld(p, q);
+        if (q === undefined || !q.started || this.#held[p]!.length === 0) continue;
+        try {
+          this.#releaseHeld(p, q);
+        } catch (err) {
+          q.markBroken(`device error: ${err instanceof Error ? err.message : String(err)}`);
+        }
       }
     }, HELD_RELEASE_MS);
     this.#heldTimer.unref();

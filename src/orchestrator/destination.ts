@@ -42,7 +42,7 @@ import {
   writeAll,
 } from "./stream.js";
 import { decodeVirtioState, validateVirtioState } from "./virtio-state.js";
-import type { VirtioDeviceState } from "./virtio-state.js";
+import type { VirtioDeviceState, VirtioQueueState } from "./virtio-state.js";
 
 /** Options of {@link receiveMigration}. */
 export interface DestinationOptions {
@@ -101,6 +101,44 @@ function checkSetup(v: unknown): SetupSection {
     throw fail("setup", JSON.stringify(v).slice(0, 80), "malformed SETUP section");
   }
   return s;
+}
+
+/**
+ * Check a packed queue's device position (from the virtio state) against the driver's (from its
+ * snapshot): the driver has collected every used buffer (its next used position and wrap
+ * counter are the device's), and the device had nothing popped and not used at the stop (its
+ * avail position is its used position), so the buffers between the device's avail position and
+ * the driver's are exactly the ones the destination device must process. A used half of 0 (used
+ * idx 0, wrap 0), as DPDK's GET_VRING_BASE sends it, means "used = avail" (as in the back-end).
+ * @param q the queue's virtio state
+ * @param snap the queue's driver snapshot
+ * @throws VhostUserError naming the field when the positions disagree
+ * (VIRTIO 1.2 §2.8.21, §2.8.22; vhost-user "vring base, packed")
+ */
+function checkPackedPosition(q: VirtioQueueState, snap: DriverSnapshot): void {
+  const f = `queue[${q.index}]`;
+  const pos = snap.packedPosition;
+  if (pos === undefined) {
+    throw fail(`${f}.packedPosition`, "missing", "packed driver state without its ring position");
+  }
+  const availWrap = q.availWrap ?? true;
+  const usedHalfMissing = q.usedIdx === 0 && q.usedWrap === false;
+  const usedIdx = usedHalfMissing ? q.lastAvailIdx : q.usedIdx;
+  const usedWrap = usedHalfMissing ? availWrap : (q.usedWrap ?? true);
+  if (pos.usedIdx !== usedIdx || pos.usedWrap !== usedWrap) {
+    throw fail(
+      `${f}.usedIdx`,
+      `${usedIdx}/${Number(usedWrap)} (driver ${pos.usedIdx}/${Number(pos.usedWrap)})`,
+      "driver has not caught up",
+    );
+  }
+  if (q.lastAvailIdx !== usedIdx || availWrap !== usedWrap) {
+    throw fail(
+      `${f}.lastAvailIdx`,
+      `${q.lastAvailIdx}/${Number(availWrap)} (used ${usedIdx}/${Number(usedWrap)})`,
+      "buffers still in flight in the source back-end",
+    );
+  }
 }
 
 /**
@@ -223,6 +261,7 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       if (!snap.packed && snap.lastUsedIdx !== q.lastAvailIdx) {
         throw fail(`queue[${q.index}].lastAvailIdx`, q.lastAvailIdx, "driver has not caught up");
       }
+      if (snap.packed) checkPackedPosition(q, snap);
     }
     if (backendState !== null && !hello.deviceState) {
       throw fail(
@@ -237,10 +276,17 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
     const queues: FrontendQueue[] = [];
     for (const q of vs.queues) {
       const snap = snaps.get(q.index) as DriverSnapshot;
-      // Packed rings: the driver re-posts its pending buffers from position 0 (see
-      // FrontendQueue.restoreSnapshot), so the device starts there too.
+      // Both formats continue at the source's position: SET_VRING_BASE with the values the
+      // source's GET_VRING_BASE returned (packed: avail idx + wrap, used idx + wrap); the driver
+      // continues over the migrated ring memory (FrontendQueue.restoreSnapshot), so buffers in
+      // flight at the stop are found there by the device.
       const base: QueueBase = snap.packed
-        ? { availIdx: 0, availWrap: true, usedIdx: 0, usedWrap: true }
+        ? {
+            availIdx: q.lastAvailIdx,
+            availWrap: q.availWrap ?? true,
+            usedIdx: q.usedIdx,
+            usedWrap: q.usedWrap ?? true,
+          }
         : { availIdx: q.lastAvailIdx };
       queues.push(
         await fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false }),

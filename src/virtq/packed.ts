@@ -113,6 +113,43 @@ export interface PackedDriverQueueOptions {
   eventIdx: boolean;
   /** VIRTIO_F_INDIRECT_DESC negotiated (enables {@link PackedDriverQueue.addIndirect}) */
   indirect?: boolean;
+  /**
+   * Continue a ring whose memory is already in place (e.g. migrated with guest RAM) at a
+   * position saved by {@link PackedDriverQueue.position}: the ring memory is not initialised.
+   */
+  restore?: PackedDriverRestore;
+}
+
+/**
+ * The driver-side bookkeeping of a packed ring that is not in ring memory (what a guest kernel
+ * keeps in its own `vring_virtqueue`), as {@link PackedDriverQueue.position} returns it.
+ * Plain JSON data.
+ */
+export interface PackedDriverPosition {
+  /** next descriptor position the driver writes (0..size-1) */
+  availIdx: number;
+  /** driver ring wrap counter at `availIdx` */
+  availWrap: boolean;
+  /** next descriptor position the driver reads a used descriptor from (0..size-1) */
+  usedIdx: number;
+  /** device ring wrap counter the driver expects at `usedIdx` */
+  usedWrap: boolean;
+  /** buffers made available and not yet collected: id and descriptors occupied in the ring */
+  inFlight: { id: number; count: number }[];
+  /** free buffer ids in pop order (the last one is taken next) */
+  freeIds: number[];
+  /** heads written by add() but not yet published by kick(): ring position and flags word */
+  pendingHeads: { pos: number; flags: number }[];
+  /** descriptors added since the last kick (for the EVENT_IDX kick decision) */
+  pendingDescs: number;
+}
+
+/** What {@link PackedDriverQueueOptions.restore} takes. */
+export interface PackedDriverRestore {
+  /** the saved position */
+  position: PackedDriverPosition;
+  /** tokens of the in-flight buffers by id (returned by getUsed(); default undefined) */
+  tokens?: ReadonlyMap<number, unknown>;
 }
 
 /**
@@ -742,12 +779,16 @@ export class PackedDriverQueue implements DriverQueue {
 
   /**
    * Create the driver side and initialise the ring memory: descriptors zeroed, both event
-   * suppression structures set to ENABLE with offset 0.
+   * suppression structures set to ENABLE with offset 0; or, with `opts.restore`, continue at a
+   * saved position over ring memory left as it is (descriptors in flight, used descriptors not
+   * yet collected and the event suppression structures are taken from the ring).
    * @param mem guest memory holding the ring
-   * @param opts ring addresses, size and negotiated features
+   * @param opts ring addresses, size, negotiated features, optional saved position
    * @throws VirtqueueError (field "size", "desc", "driverEvent", "deviceEvent") for a bad size or
-   *   a misaligned or unmapped ring
-   * VIRTIO 1.2 §2.8.13 ("The descriptor ring is zero-initialized").
+   *   a misaligned or unmapped ring; (field "position.*") for a saved position that does not fit
+   *   this ring (index out of range, ids repeated or out of range, in-flight extents that do not
+   *   add up to the distance between the used and the avail position)
+   * VIRTIO 1.2 §2.8.13 ("The descriptor ring is zero-initialized"), §2.8.21, §2.8.22.
    */
   constructor(mem: GuestMemory, opts: PackedDriverQueueOptions) {
     this.mem = mem;
@@ -763,11 +804,110 @@ export class PackedDriverQueue implements DriverQueue {
     this.eventIdx = opts.eventIdx;
     this.indirect = opts.indirect ?? false;
     this.freeDescs = opts.size;
-    for (let id = opts.size - 1; id >= 0; id--) this.freeIds.push(id);
     for (let id = 0; id < opts.size; id++) this.buffers.push({ count: 0, token: undefined });
+    if (opts.restore !== undefined) {
+      this.restorePosition(opts.restore);
+      return;
+    }
+    for (let id = opts.size - 1; id >= 0; id--) this.freeIds.push(id);
     this.ring.u32.fill(0);
     this.ring.driverEvent.fill(0);
     this.ring.deviceEvent.fill(0);
+  }
+
+  /**
+   * The driver's bookkeeping, to rebuild this driver over the same ring memory later (e.g. on a
+   * migration destination) with {@link PackedDriverQueueOptions.restore}.
+   * @returns positions, wrap counters, in-flight ids with their extents, free ids, unpublished
+   *   heads (JSON-safe; tokens are not included)
+   * VIRTIO 1.2 §2.8.21, §2.8.22 (the driver's next avail / next used positions and counters).
+   */
+  position(): PackedDriverPosition {
+    const inFlight: { id: number; count: number }[] = [];
+    this.buffers.forEach((b, id) => {
+      if (b.count > 0) inFlight.push({ id, count: b.count });
+    });
+    return {
+      availIdx: this.availIdx,
+      availWrap: this.availWrap,
+      usedIdx: this.usedIdx,
+      usedWrap: this.usedWrap,
+      inFlight,
+      freeIds: this.freeIds.slice(),
+      pendingHeads: this.pendingHeads.map((h) => ({ pos: h.pos, flags: h.flags })),
+      pendingDescs: this.numAdded,
+    };
+  }
+
+  /** Check a saved position against this ring and load it (the ring memory is not touched). */
+  private restorePosition(r: PackedDriverRestore): void {
+    const p = r.position;
+    const size = this.size;
+    const bad = (field: string, value: number, what: string): VirtqueueError =>
+      vqError(`position.${field}`, value, what);
+    for (const [field, v] of [
+      ["availIdx", p.availIdx],
+      ["usedIdx", p.usedIdx],
+    ] as const) {
+      if (!Number.isInteger(v) || v < 0 || v >= size) {
+        throw bad(field, v, `${field} ${v} is not below the queue size ${size}`);
+      }
+    }
+    const seen = new Uint8Array(size);
+    let descs = 0;
+    for (const b of p.inFlight) {
+      if (!Number.isInteger(b.id) || b.id < 0 || b.id >= size || seen[b.id] !== 0) {
+        throw bad("inFlight.id", b.id, `in-flight id ${b.id} is out of range or repeated`);
+      }
+      if (!Number.isInteger(b.count) || b.count < 1 || b.count > size) {
+        throw bad("inFlight.count", b.count, `buffer ${b.id} occupies ${b.count} descriptors`);
+      }
+      seen[b.id] = 1;
+      descs += b.count;
+    }
+    // Descriptors between the next used and the next avail position, across the wrap.
+    const span = p.availIdx - p.usedIdx + (p.availWrap !== p.usedWrap ? size : 0);
+    if (span < 0 || span > size || descs !== span) {
+      throw bad(
+        "inFlight.count",
+        descs,
+        `in-flight buffers occupy ${descs} descriptors but the ring holds ${span} between used ` +
+          `${p.usedIdx}/${Number(p.usedWrap)} and avail ${p.availIdx}/${Number(p.availWrap)}`,
+      );
+    }
+    if (p.freeIds.length + p.inFlight.length !== size) {
+      throw bad("freeIds", p.freeIds.length, `free ids and in-flight ids do not make ${size} ids`);
+    }
+    for (const id of p.freeIds) {
+      if (!Number.isInteger(id) || id < 0 || id >= size || seen[id] !== 0) {
+        throw bad("freeIds", id, `free id ${id} is out of range, repeated or in flight`);
+      }
+      seen[id] = 1;
+    }
+    for (const h of p.pendingHeads) {
+      if (!Number.isInteger(h.pos) || h.pos < 0 || h.pos >= size) {
+        throw bad("pendingHeads.pos", h.pos, `unpublished head at ${h.pos} is outside the ring`);
+      }
+      if (!Number.isInteger(h.flags) || h.flags < 0 || h.flags > 0xffff) {
+        throw bad("pendingHeads.flags", h.flags, `flags ${h.flags} are not a u16`);
+      }
+    }
+    if (!Number.isInteger(p.pendingDescs) || p.pendingDescs < 0 || p.pendingDescs > descs) {
+      throw bad("pendingDescs", p.pendingDescs, `${p.pendingDescs} unpublished descriptors`);
+    }
+    for (const b of p.inFlight) {
+      const state = this.buffers[b.id] as DriverBufferState;
+      state.count = b.count;
+      state.token = r.tokens?.get(b.id);
+    }
+    this.freeIds.push(...p.freeIds);
+    this.freeDescs = size - descs;
+    this.availIdx = p.availIdx;
+    this.availWrap = p.availWrap;
+    this.usedIdx = p.usedIdx;
+    this.usedWrap = p.usedWrap;
+    for (const h of p.pendingHeads) this.pendingHeads.push({ pos: h.pos, flags: h.flags });
+    this.numAdded = p.pendingDescs;
   }
 
   /** Descriptors free in the ring. */
