@@ -61,7 +61,20 @@ class StatefulEcho extends NetTestDevice {
   }
   loadState(data: Uint8Array): void {
     const n = new DataView(data.buffer, data.byteOffset, data.length).getUint32(0);
-    JSON.parse(Buffer.from(data.subarray(4, 4 + n)).toString());
+    const saved: unknown = JSON.parse(Buffer.from(data.subarray(4, 4 + n)).toString());
+    const c = this.counters[0];
+    if (c === undefined || typeof saved !== "object" || saved === null) {
+      throw new RangeError("StatefulEcho.loadState: counters missing from the state");
+    }
+    // Apply the source's counters: the destination's port goes on counting from them.
+    for (const k of ["rxPackets", "rxBytes", "txPackets", "txBytes", "dropped"] as const) {
+      const v = (saved as Record<string, unknown>)[k];
+      if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0) {
+        throw new RangeError(`StatefulEcho.loadState: counter ${k} = ${String(v)}`);
+      }
+      c[k] = v;
+    }
+    this.extra = data.slice(4 + n);
     this.loaded = data.length;
   }
 }
@@ -265,16 +278,17 @@ async function main(): Promise<void> {
     `guest RAM ${mem / 1048576} MiB (${fill / 1048576} MiB of data), echo traffic during the migration`,
   );
   console.log(
-    "backend   downtime(ms)  total(ms)  iterations  pages     zero      final  stream(MiB)  state(B)",
+    "backend   downtime(ms)  total(ms)  iterations  pages     zero      final  stream(MiB)  state(B)  echoes before/after",
   );
   for (let r = 0; r < repeat; r++) {
     for (const kind of values.backends.split(",")) {
-      const { res } = await oneMigration(kind, mem, fill);
+      const { res, echoesBefore, echoesAfter } = await oneMigration(kind, mem, fill);
       console.log(
         `${kind.padEnd(9)} ${res.downtimeMs.toFixed(1).padStart(12)} ${res.totalMs.toFixed(0).padStart(10)} ` +
           `${String(res.iterations).padStart(11)} ${String(res.pagesSent).padStart(9)} ` +
           `${String(res.zeroPages).padStart(9)} ${String(res.finalPages).padStart(6)} ` +
-          `${(res.bytesSent / 1048576).toFixed(1).padStart(12)} ${String(res.backendStateBytes).padStart(9)}`,
+          `${(res.bytesSent / 1048576).toFixed(1).padStart(12)} ${String(res.backendStateBytes).padStart(9)}` +
+          `  ${echoesBefore} / ${echoesAfter}`,
       );
     }
   }

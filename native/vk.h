@@ -3,8 +3,8 @@
  *
  * The addon is split by concern: vhostkit.c (module init, per-environment state, teardown),
  * vk_errors.c (errors and argument checks), vk_fd.c (plain fd syscalls), vk_mmap.c (memfd,
- * mmap and the mapping registry), vk_socket.c (Unix sockets, SCM_RIGHTS) and vk_watcher.c
- * (FdWatcher). The typed surface is src/native.ts; keep both in step.
+ * mmap and the mapping registry), vk_socket.c (Unix sockets, SCM_RIGHTS), vk_watcher.c
+ * (FdWatcher) and vk_tap.c (TAP devices). The typed surface is src/native.ts; keep both in step.
  *
  * Conventions:
  * - Every exported function checks all of its arguments before its first syscall. An argument

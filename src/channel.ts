@@ -436,6 +436,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
   /**
    * Close the connection: the socket, the watcher, every fd received and not handed to a
    * listener, every queued fd; pending requests reject with ERR_VHOST_CLOSED. Idempotent.
+   * (vhost-user: "Communication"; a back-end treats the hang-up as the end of the session.)
    * @param cause the error that caused the close, passed to `close` listeners
    */
   close(cause?: Error): void {

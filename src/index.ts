@@ -5,7 +5,7 @@
  */
 export * from "./protocol/index.js";
 export * from "./channel.js";
-export { native, POLL_READABLE, POLL_WRITABLE } from "./native.js";
+export { native, isNativeError, POLL_READABLE, POLL_WRITABLE } from "./native.js";
 export type { NativeError, FdWatcher } from "./native.js";
 export * from "./memory/address.js";
 export * from "./memory/guest-memory.js";
@@ -22,6 +22,7 @@ export * from "./backend/server.js";
 export * from "./backend/worker-queue.js";
 export * from "./frontend/index.js";
 export * from "./devices/net-test-device.js";
+export * from "./testing/mock-driver.js";
 export * from "./net/index.js";
 export * from "./migration/state-codec.js";
 export * from "./migration/transfer.js";

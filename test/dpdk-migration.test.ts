@@ -43,108 +43,114 @@ function connect(port: number): Promise<Socket> {
   });
 }
 
-test("migration between two DPDK vhost PMD back-ends (dirty log only)", async (t: TestContext) => {
-  const dir = mkdtempSync(join(tmpdir(), "vk-dpdk-mig-"));
-  const tps: Testpmd[] = [];
-  let fe: VhostUserFrontend | null = null;
-  let ram: GuestRam | null = null;
-  let dst: IncomingResult | null = null;
-  let server: Server | null = null;
-  const gens: SeqTrafficGuest[] = [];
-  try {
-    const common = { forwardMode: "io" as const, extraAppArgs: ["--port-topology=loop"] };
-    const [tpA, tpB] = await Promise.all([
-      startTestpmd({
-        ...common,
-        vdev: { kind: "vhost", iface: join(dir, "a.sock"), queues: 1 },
-        forwardLcore: 0,
-        name: "mig-a",
-      }),
-      startTestpmd({
-        ...common,
-        vdev: { kind: "vhost", iface: join(dir, "b.sock"), queues: 1 },
-        forwardLcore: 1,
-        name: "mig-b",
-      }),
-    ]);
-    tps.push(tpA, tpB);
-    await Promise.all([tpA.ready(), tpB.ready()]);
-    fe = await VhostUserFrontend.connect(join(dir, "a.sock"), { timeoutMs: 5000 });
-    const neg = await fe.negotiate();
-    t.diagnostic(
-      `DPDK offers 0x${neg.offeredFeatures.toString(16)}, protocol 0x${neg.offeredProtocolFeatures.toString(16)}`,
-    );
-    ram = GuestRam.create({ size: 8 << 20, name: "dpdk-mig" });
-    await fe.start(ram, [256, 256]);
-    const filler = ram.alloc(1 << 20, 4096);
-    ram.write(
-      filler,
-      Uint8Array.from({ length: 1 << 20 }, (_, i) => (i * 7 + 3) & 0xff),
-    );
-    await tpA.waitLinkUp();
-    await tpA.start();
-    const total = 4000;
-    const gen = new SeqTrafficGuest(fe, { srcMac: F_MAC, limit: total, burst: 16, record: true });
-    gens.push(gen);
-    gen.start();
-    await until("echoes from testpmd A", () => gen.received > 300);
+test(
+  "migration between two DPDK vhost PMD back-ends (dirty log only)",
+  { skip: process.getuid?.() !== 0 ? "needs root" : false },
+  async (t: TestContext) => {
+    const dir = mkdtempSync(join(tmpdir(), "vk-dpdk-mig-"));
+    const tps: Testpmd[] = [];
+    let fe: VhostUserFrontend | null = null;
+    let ram: GuestRam | null = null;
+    let dst: IncomingResult | null = null;
+    let server: Server | null = null;
+    const gens: SeqTrafficGuest[] = [];
+    try {
+      const common = { forwardMode: "io" as const, extraAppArgs: ["--port-topology=loop"] };
+      const [tpA, tpB] = await Promise.all([
+        startTestpmd({
+          ...common,
+          vdev: { kind: "vhost", iface: join(dir, "a.sock"), queues: 1 },
+          forwardLcore: 0,
+          name: "mig-a",
+        }),
+        startTestpmd({
+          ...common,
+          vdev: { kind: "vhost", iface: join(dir, "b.sock"), queues: 1 },
+          forwardLcore: 1,
+          name: "mig-b",
+        }),
+      ]);
+      tps.push(tpA, tpB);
+      await Promise.all([tpA.ready(), tpB.ready()]);
+      fe = await VhostUserFrontend.connect(join(dir, "a.sock"), { timeoutMs: 5000 });
+      const neg = await fe.negotiate();
+      t.diagnostic(
+        `DPDK offers 0x${neg.offeredFeatures.toString(16)}, protocol 0x${neg.offeredProtocolFeatures.toString(16)}`,
+      );
+      ram = GuestRam.create({ size: 8 << 20, name: "dpdk-mig" });
+      await fe.start(ram, [256, 256]);
+      const filler = ram.alloc(1 << 20, 4096);
+      ram.write(
+        filler,
+        Uint8Array.from({ length: 1 << 20 }, (_, i) => (i * 7 + 3) & 0xff),
+      );
+      await tpA.waitLinkUp();
+      await tpA.start();
+      const total = 4000;
+      const gen = new SeqTrafficGuest(fe, { srcMac: F_MAC, limit: total, burst: 16, record: true });
+      gens.push(gen);
+      gen.start();
+      await until("echoes from testpmd A", () => gen.received > 300);
 
-    let incoming: Promise<IncomingResult> | null = null;
-    server = createServer({ noDelay: true }, (s) => {
-      incoming = receiveMigration({
-        stream: s,
-        connectBackend: () => VhostUserFrontend.connect(join(dir, "b.sock"), { timeoutMs: 5000 }),
+      let incoming: Promise<IncomingResult> | null = null;
+      server = createServer({ noDelay: true }, (s) => {
+        incoming = receiveMigration({
+          stream: s,
+          connectBackend: () => VhostUserFrontend.connect(join(dir, "b.sock"), { timeoutMs: 5000 }),
+        });
       });
-    });
-    await new Promise<void>((r) => (server as Server).listen(0, "127.0.0.1", r));
-    const port = (server.address() as AddressInfo).port;
-    const res = await migrateSource({
-      frontend: fe,
-      stream: await connect(port),
-      guest: gen,
-      deviceFields: F_MAC,
-      verifyMemory: true,
-    });
-    gen.stop();
-    dst = await (incoming as unknown as Promise<IncomingResult>);
-    t.diagnostic(
-      `downtime ${res.downtimeMs.toFixed(1)} ms, total ${res.totalMs.toFixed(1)} ms, ` +
-        `${res.iterations} iterations, ${res.pagesSent} pages`,
-    );
-    assert.equal(res.deviceStateTransferred, false, "DPDK has no DEVICE_STATE");
-    assert.equal(dst.memoryVerified, true, "RAM identical on both sides at switch-over");
-    assert.equal(dst.rarpSent, true, "DPDK offers RARP and the driver lacks GUEST_ANNOUNCE");
-    assert.ok(res.iterations >= 2);
-    await tpB.waitLinkUp();
-    await tpB.start();
-    assert.ok(dst.guestState !== null);
-    const gen2 = SeqTrafficGuest.restore(dst.frontend, dst.guestState);
-    gens.push(gen2);
-    gen2.start();
-    await until("B finished", () => gen2.finished, 10_000);
-    await until("echoes from B", () => gen.received + gen2.received >= total - 512, 5000);
-    gen2.stop();
-    await until("drained", () => gen2.drain() === 0);
-    const tx = [...gen.completedSeqs, ...gen2.completedSeqs].sort((a, b) => a - b);
-    assert.equal(tx.length, total, "every TX descriptor completed");
-    tx.forEach((s, i) => assert.equal(s, i, `TX sequence ${i} exactly once`));
-    assert.ok(gen2.completedSeqs.length > 0);
-    const rx = [...gen.receivedSeqs, ...gen2.receivedSeqs];
-    assert.equal(new Set(rx).size, rx.length, "no echo delivered twice");
-    assert.ok(gen2.received > 0, "testpmd B echoes");
-    const [b] = await tpB.stats();
-    assert.ok((b?.rxPackets ?? 0) > 0, "testpmd B received frames after the switch-over");
-  } catch (err) {
-    for (const tp of tps) (err as Error).message += `\n--- testpmd ---\n${tp.tail(30)}`;
-    throw err;
-  } finally {
-    for (const g of gens) g.stop();
-    server?.close();
-    fe?.close();
-    dst?.frontend.close();
-    dst?.ram.close();
-    for (const tp of tps) await tp.close();
-    ram?.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+      await new Promise<void>((r) => (server as Server).listen(0, "127.0.0.1", r));
+      const port = (server.address() as AddressInfo).port;
+      const res = await migrateSource({
+        frontend: fe,
+        stream: await connect(port),
+        guest: gen,
+        deviceFields: F_MAC,
+        verifyMemory: true,
+      });
+      gen.stop();
+      dst = await (incoming as unknown as Promise<IncomingResult>);
+      t.diagnostic(
+        `downtime ${res.downtimeMs.toFixed(1)} ms, total ${res.totalMs.toFixed(1)} ms, ` +
+          `${res.iterations} iterations, ${res.pagesSent} pages`,
+      );
+      assert.equal(res.deviceStateTransferred, false, "DPDK has no DEVICE_STATE");
+      assert.equal(dst.memoryVerified, true, "RAM identical on both sides at switch-over");
+      assert.equal(dst.rarpSent, true, "DPDK offers RARP and the driver lacks GUEST_ANNOUNCE");
+      assert.ok(res.iterations >= 2);
+      await tpB.waitLinkUp();
+      await tpB.start();
+      assert.ok(dst.guestState !== null);
+      const gen2 = SeqTrafficGuest.restore(dst.frontend, dst.guestState);
+      gens.push(gen2);
+      gen2.start();
+      await until("B finished", () => gen2.finished, 10_000);
+      await until("echoes from B", () => gen.received + gen2.received >= total - 512, 5000);
+      gen2.stop();
+      await until("drained", () => gen2.drain() === 0);
+      const tx = [...gen.completedSeqs, ...gen2.completedSeqs].sort((a, b) => a - b);
+      assert.equal(tx.length, total, "every TX descriptor completed");
+      tx.forEach((s, i) => assert.equal(s, i, `TX sequence ${i} exactly once`));
+      assert.ok(gen2.completedSeqs.length > 0);
+      const rx = [...gen.receivedSeqs, ...gen2.receivedSeqs];
+      assert.equal(new Set(rx).size, rx.length, "no echo delivered twice");
+      assert.ok(gen2.received > 0, "testpmd B echoes");
+      const [b] = await tpB.stats();
+      assert.ok((b?.rxPackets ?? 0) > 0, "testpmd B received frames after the switch-over");
+    } catch (err) {
+      if (err instanceof Error) {
+        for (const tp of tps) err.message += `\n--- testpmd ---\n${tp.tail(30)}`;
+      }
+      throw err;
+    } finally {
+      for (const g of gens) g.stop();
+      server?.close();
+      fe?.close();
+      dst?.frontend.close();
+      dst?.ram.close();
+      for (const tp of tps) await tp.close();
+      ram?.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+);

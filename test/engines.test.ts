@@ -26,6 +26,8 @@ import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
 import { VIRTQ_DESC_F_NEXT } from "../src/virtq/layout.js";
+import { FRONTEND_REQUEST_SPECS, hasExplicitReply } from "../src/protocol/table.js";
+import { gpa, uaddr } from "../src/memory/address.js";
 
 // --- helpers -----------------------------------------------------------------------------
 
@@ -580,7 +582,19 @@ test("engines: bad input breaks only what it targets; other connections keep run
       ),
       (e: unknown) => e instanceof VhostUserError && e.request === "ADD_MEM_REG",
     );
-    assert.equal(errs("SET_MEM_TABLE"), 2);
+    // a region that wraps past 2^53: refused from its description, before any mmap
+    await assert.rejects(
+      p.fe.request(
+        FrontendRequest.SET_MEM_TABLE,
+        { regions: [r0, { ...r1, guestPhysAddr: (1n << 53n) - 4096n }] },
+        p.ram.regionFds,
+      ),
+      (e: unknown) => e instanceof VhostUserError && e.request === "SET_MEM_TABLE",
+    );
+    const layoutErrors = p.errors.filter((e) => e.request === "SET_MEM_TABLE");
+    assert.match(layoutErrors[0]?.message ?? "", /overlaps regions\[0\]/);
+    assert.match(layoutErrors[2]?.message ?? "", /wraps around \(regions\[1\]\.guest_phys_addr=/);
+    assert.equal(errs("SET_MEM_TABLE"), 3);
     assert.equal(errs("ADD_MEM_REG"), 1);
     await round("pair 0 after the bad memory tables");
 
@@ -669,6 +683,183 @@ test("engines: a call fd that is not a writable eventfd breaks its ring, not the
     native.close(w);
     p.close();
   }
+});
+
+// --- request gates and failure replies ----------------------------------------------------
+
+test("engines: a gated request without its feature fails naming it; every reply comes on failure", async () => {
+  const p = await connectPair({ name: "eng-gate" });
+  const efd = native.eventfd(0);
+  try {
+    // Negotiate REPLY_ACK only: every other protocol feature gate stays shut.
+    await p.fe.negotiate({
+      features: BASE_FEATURES,
+      protocolFeatures: featureSet(ProtocolFeature.REPLY_ACK),
+      backendReq: false,
+    });
+    await p.fe.setFeatures();
+    const failedOn = (request: string): VhostUserError | undefined =>
+      p.errors.find((e) => e.request === request);
+
+    // reply-body requests: answered with the failure body, the error names the feature
+    assert.equal((await p.fe.request(FrontendRequest.GET_QUEUE_NUM, null)).payload, 0n);
+    assert.equal(failedOn("GET_QUEUE_NUM")?.code, "ERR_VHOST_NOT_NEGOTIATED");
+    assert.equal(failedOn("GET_QUEUE_NUM")?.value, "PROTOCOL_F_MQ");
+    assert.equal((await p.fe.request(FrontendRequest.GET_MAX_MEM_SLOTS, null)).payload, 0n);
+    assert.equal(failedOn("GET_MAX_MEM_SLOTS")?.value, "PROTOCOL_F_CONFIGURE_MEM_SLOTS");
+
+    // ack requests: a failed REPLY_ACK, the fds of the refused request closed
+    await assert.rejects(
+      p.fe.request(FrontendRequest.RESET_DEVICE, null),
+      (e: unknown) => e instanceof VhostUserError && e.code === "ERR_VHOST_REQUEST_FAILED",
+    );
+    assert.equal(failedOn("RESET_DEVICE")?.value, "PROTOCOL_F_RESET_DEVICE");
+    const [a, b] = native.socketpair();
+    try {
+      await assert.rejects(p.fe.request(FrontendRequest.SET_BACKEND_REQ_FD, null, [b]));
+    } finally {
+      native.close(a);
+      native.close(b);
+    }
+    assert.equal(failedOn("SET_BACKEND_REQ_FD")?.value, "PROTOCOL_F_BACKEND_REQ");
+
+    // every request with a reply body gets one when it fails (here: by its gate)
+    const answered: string[] = [];
+    for (const spec of FRONTEND_REQUEST_SPECS) {
+      if (spec.gate === null || spec.gate === "PROTOCOL_FEATURES") continue;
+      if (!hasExplicitReply(spec, p.fe.channel.protocolFeatures)) continue;
+      if (p.fe.channel.closed) break;
+      const bytes = new Uint8Array(spec.size.min);
+      if (spec.name === "IOTLB_MSG") bytes[25] = 3; // IOTLB_INVALIDATE
+      const payload = spec.codec.decode(bytes, spec.name);
+      const fds = Array.from({ length: spec.fds.min }, () => efd);
+      await p.fe.request(spec.id as FrontendRequest, payload as never, fds, {
+        timeoutMs: 3000,
+      });
+      assert.equal(failedOn(spec.name)?.code, "ERR_VHOST_NOT_NEGOTIATED", spec.name);
+      answered.push(spec.name);
+    }
+    for (const name of [
+      "IOTLB_MSG",
+      "GET_CONFIG",
+      "CREATE_CRYPTO_SESSION",
+      "POSTCOPY_LISTEN",
+      "POSTCOPY_END",
+      "GET_SHARED_OBJECT",
+      "SET_DEVICE_STATE_FD",
+      "CHECK_DEVICE_STATE",
+    ]) {
+      assert.ok(answered.includes(name), `${name} answered (answered: ${answered.join(",")})`);
+    }
+    // the connection is still usable
+    assert.equal((await p.fe.request(FrontendRequest.GET_FEATURES, null)).payload > 0n, true);
+  } finally {
+    native.close(efd);
+    p.close();
+  }
+});
+
+test("engines: SET_LOG_BASE smaller than guest memory is reported; memory beyond the log is refused while logging", async () => {
+  const p = await connectPair({ name: "eng-log" });
+  const extra = GuestRam.create({
+    regions: [{ gpa: 0x2_0000_0000, size: 64 << 10 }],
+    name: "eng-log-extra",
+  });
+  const logFd = native.memfdCreate("eng-log-bitmap");
+  try {
+    native.ftruncate(logFd, 1 << 20);
+    await p.fe.negotiate({ features: BASE_FEATURES | featureSet(VirtioFeature.LOG_ALL) });
+    await p.fe.setFeatures();
+    await p.fe.setMemTable(p.ram);
+    const end = p.session.memory()!.end;
+    const needed = Math.ceil(end / 4096 / 8);
+
+    // 1. a log of 8 bytes covers 64 pages (256 KiB): less than guest memory. Taken (a ring
+    // that marks beyond it breaks, see test/migration-dirty-log), with a warning naming both.
+    const value = (r: unknown): unknown => (r as { value: bigint | null }).value;
+    const small = await p.fe.request(
+      FrontendRequest.SET_LOG_BASE,
+      { mmapSize: 8n, mmapOffset: 0n },
+      [logFd],
+    );
+    assert.equal(value(small.payload), 0n);
+    assert.ok(p.logger.has("warn", /SET_LOG_BASE: log covers 64 pages .* ends at 0x/));
+
+    // 2. a log that covers guest memory is taken
+    const ok = await p.fe.request(
+      FrontendRequest.SET_LOG_BASE,
+      { mmapSize: BigInt(needed), mmapOffset: 0n },
+      [logFd],
+    );
+    assert.equal(value(ok.payload), 0n, p.errors.map((e) => e.message).join("; "));
+    assert.notEqual(p.session.memory()!.log, null, "log attached while LOG_ALL is on");
+
+    // 3. a region past the log's end while logging: refused, memory unchanged
+    await assert.rejects(
+      p.fe.addMemRegion(extra, 0),
+      (e: unknown) => e instanceof VhostUserError && e.request === "ADD_MEM_REG",
+    );
+    const memErr = p.errors.find((e) => e.request === "ADD_MEM_REG");
+    assert.match(memErr?.message ?? "", /beyond the dirty log/);
+    assert.equal(p.session.memory()!.end, end, "the old memory is kept");
+  } finally {
+    native.close(logFd);
+    p.close();
+    extra.close();
+  }
+});
+
+test("engines: a 5 GiB region is mapped as adjacent sub-regions of at most 2 GiB", async () => {
+  const p = await connectPair({ name: "eng-big" });
+  const fd = native.memfdCreate("eng-big-ram");
+  const GiB = 2 ** 30;
+  try {
+    // sparse: ftruncate only; the few pages written below are the only ones allocated
+    native.ftruncate(fd, 5 * GiB);
+    await p.fe.negotiate({ features: BASE_FEATURES });
+    await p.fe.setFeatures();
+    const uaddrBase = 0x10_0000_0000;
+    await p.fe.request(
+      FrontendRequest.SET_MEM_TABLE,
+      {
+        regions: [
+          {
+            guestPhysAddr: 0n,
+            memorySize: BigInt(5 * GiB),
+            userspaceAddr: BigInt(uaddrBase),
+            mmapOffset: 0n,
+          },
+        ],
+      },
+      [fd],
+    );
+    assert.deepEqual(p.errors, [], "SET_MEM_TABLE succeeded");
+    const mem = p.session.memory();
+    assert.ok(mem);
+    assert.deepEqual(
+      mem.regions.map((r) => [r.gpa / GiB, r.size / GiB, (r.uaddr - uaddrBase) / GiB]),
+      [
+        [0, 2, 0],
+        [2, 2, 2],
+        [4, 1, 4],
+      ],
+    );
+    assert.equal(mem.end, 5 * GiB);
+    assert.equal(memfdMappings("eng-big-ram"), 3, "three mappings of the memfd");
+    // a copy across each sub-region boundary, and a translation in the last one
+    for (const at of [2 * GiB - 3, 4 * GiB - 5]) {
+      const data = Uint8Array.from({ length: 16 }, (_, i) => (at + i * 7) & 0xff);
+      mem.write(gpa(at), data);
+      const back = new Uint8Array(16);
+      mem.read(gpa(at), back);
+      assert.deepEqual([...back], [...data], `bytes across 0x${at.toString(16)}`);
+    }
+    assert.equal(mem.uaddrToGpa(uaddr(uaddrBase + 4.5 * GiB), 4096), 4.5 * GiB);
+  } finally {
+    native.close(fd);
+    p.close();
+  }
+  await until(() => memfdMappings("eng-big-ram") === 0, "the big region unmapped");
 });
 
 test("engines: every fd is released once everything is closed", async () => {

@@ -59,6 +59,10 @@ test("package entry point exports the engines, the switch and the migration API"
     "DirtyLog",
     "SplitDeviceQueue",
     "PackedDeviceQueue",
+    "MockGuest",
+    "isNativeError",
+    "migrateSource",
+    "receiveMigration",
   ]) {
     assert.equal(typeof (api as Record<string, unknown>)[name], "function", name);
   }

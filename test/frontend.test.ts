@@ -558,6 +558,12 @@ test("frontend: a failed ack rejects with an error naming the request", async ()
     be.failOn.add("SET_VRING_ADDR");
     await assert.rejects(fe.setupQueue(0, { size: 16 }), /SET_VRING_ADDR/);
     assert.equal(fe.queue(0), undefined, "a failed setup leaves no queue behind");
+    // a refused SET_BACKEND_REQ_FD keeps the channel the back-end has
+    const before = fe.backendChannel;
+    assert.ok(before, "negotiate set up the back-end request channel");
+    be.failOn.add("SET_BACKEND_REQ_FD");
+    await assert.rejects(fe.setBackendReqFd(), /SET_BACKEND_REQ_FD/);
+    assert.equal(fe.backendChannel, before, "the old channel is kept");
   } finally {
     fe.close();
     be.close();

@@ -154,6 +154,51 @@ test("a v1-only target loads a v2 stream, skipping the stages v2 added", () => {
   dst.sw.close();
 });
 
+test("refused at the port stage: a 2-pair stream into a 3-pair port (both offer MQ)", () => {
+  const src = busySource();
+  const bytes = savePortState(src.dev, { host: src.sw });
+  const sw3 = new Switch();
+  const three = new VirtioNetDevice({ name: "vm1", queuePairs: 3, mac: "52:54:00:00:00:01" });
+  sw3.addPort(three);
+  const before = view(three, sw3);
+  assert.throws(
+    () => loadPortState(three, bytes, { host: sw3 }),
+    (e: unknown) =>
+      isMigrationStreamError(e, "BAD_VALUE") &&
+      e.stage === "port" &&
+      e.field === "queue_pairs" &&
+      e.value === 2,
+  );
+  assert.deepEqual(view(three, sw3), before, "nothing changed");
+  src.sw.close();
+  sw3.close();
+});
+
+test("learned MACs keep their age across a save and load", () => {
+  let now = 1_000_000;
+  const clock = (): number => now;
+  const sw = new Switch({ clock, sweepIntervalMs: 0 });
+  const dev = new VirtioNetDevice({ name: "vm1", queuePairs: 1, mac: "52:54:00:00:00:01" });
+  sw.addPort(dev);
+  sw.learnMac("52:54:00:00:00:aa", "vm1");
+  now += 200_000;
+  sw.learnMac("52:54:00:00:00:bb", "vm1");
+  now += 1_000;
+  const bytes = savePortState(dev, { host: sw });
+  const sw2 = new Switch({ clock, sweepIntervalMs: 0 });
+  const dst = new VirtioNetDevice({ name: "vm1", queuePairs: 1, mac: "52:54:00:00:00:01" });
+  sw2.addPort(dst);
+  loadPortState(dst, bytes, { host: sw2 });
+  const ages = (s: Switch): Record<string, number> =>
+    Object.fromEntries(s.macsOnPort("vm1").map((m) => [m.mac, m.ageMs]));
+  assert.deepEqual(ages(sw2), { "52:54:00:00:00:aa": 201_000, "52:54:00:00:00:bb": 1_000 });
+  // the older MAC ages out first, at the ageing time counted from when it was really seen
+  now += sw2.ageingMs - 201_000;
+  assert.deepEqual(ages(sw2), { "52:54:00:00:00:bb": sw2.ageingMs - 200_000 });
+  sw.close();
+  sw2.close();
+});
+
 test("refused: other queue pairs, other negotiated features, foreign features; nothing changes", () => {
   const src = busySource();
   const bytes = savePortState(src.dev, { host: src.sw });

@@ -33,7 +33,13 @@ import {
   parseMac,
   pseudoHeaderSum,
 } from "../src/net/frame.js";
-import { CtrlClass, CtrlMq } from "../src/net/ctrl.js";
+import {
+  CTRL_MAX_COMMAND,
+  CtrlClass,
+  CtrlMac,
+  CtrlMq,
+  MAC_TABLE_ENTRIES,
+} from "../src/net/ctrl.js";
 
 const F = VirtioFeature;
 const BASE = featureSet(F.VERSION_1, F.RING_EVENT_IDX, F.STATUS);
@@ -747,6 +753,83 @@ test("device: offloads pass as they are to a port that negotiated them, done in 
 });
 
 // --- RARP, port up / down ------------------------------------------------------------------
+
+test("device: a GSO frame with the ECN bit but no HOST_ECN negotiated is malformed", async () => {
+  const b = bench();
+  try {
+    const pa = b.add("a");
+    const pb = b.add("b");
+    const A = await attach(b, pa, {
+      name: "a",
+      features: BASE | featureSet(F.NET_F_CSUM, F.HOST_TSO4),
+    });
+    const B = await attach(b, pb, { name: "b" });
+    for (const g of [A, B]) g.refill();
+    await until(() => [pa, pb].every((p) => p.device.up), "ports up");
+    const big = tcpPartialFrame(BCAST, mac(0xa), 4000);
+    const tso = { csum: true, hdrLen: 54, gsoSize: 1448, start: 34, offset: 16 };
+    // VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN, then ECN alone on a plain frame
+    A.sendWithHeader(gsoHeader({ ...tso, gso: 0x81 }), big);
+    A.sendWithHeader(gsoHeader({ gso: 0x80 }), ethFrame(BCAST, mac(0xa), 1));
+    await until(() => pa.device.counters.drops.malformed === 2, "two malformed drops");
+    // the same TSO frame without the ECN bit goes through (segmented for B)
+    A.sendWithHeader(gsoHeader({ ...tso, gso: 1 }), big);
+    await until(() => {
+      B.refill();
+      return B.count() >= 3;
+    }, "segments of the valid TSO frame");
+    assert.equal(pa.device.counters.drops.malformed, 2);
+    assert.equal(pa.device.counters.rxPackets, 1, "only the valid frame entered the switch");
+  } finally {
+    b.close();
+  }
+});
+
+function macTableSet(unicast: number, multicast: number): Uint8Array {
+  const size = 2 + 4 + unicast * 6 + 4 + multicast * 6;
+  const c = new Uint8Array(size);
+  const dv = new DataView(c.buffer);
+  c[0] = CtrlClass.MAC;
+  c[1] = CtrlMac.TABLE_SET;
+  dv.setUint32(2, unicast, true);
+  for (let i = 0; i < unicast; i++) c.set([0x02, 0, 0, 1, (i >> 8) & 0xff, i & 0xff], 6 + i * 6);
+  const m = 6 + unicast * 6;
+  dv.setUint32(m, multicast, true);
+  for (let i = 0; i < multicast; i++) {
+    c.set([0x01, 0x00, 0x5e, 0x00, (i >> 8) & 0x7f, i & 0xff], m + 4 + i * 6);
+  }
+  return c;
+}
+
+test("device: a MAC TABLE_SET past 4 KiB is taken and sets the overflow flag; past 64 KiB it gets VIRTIO_NET_ERR", async () => {
+  const b = bench();
+  try {
+    const pa = b.add("a");
+    const A = await attach(b, pa, { name: "a", ctrl: true, ramSize: 16 << 20 });
+    await until(() => pa.device.negotiatedFeatures !== 0n, "features set");
+    const f = (): { uc: number; mc: number; ucOver: boolean; mcOver: boolean } => ({
+      uc: pa.device.state.filter.unicast.length,
+      mc: pa.device.state.filter.multicast.length,
+      ucOver: pa.device.state.filter.unicastOverflow,
+      mcOver: pa.device.state.filter.multicastOverflow,
+    });
+    assert.equal(await A.control(macTableSet(3, 2)), 0);
+    assert.deepEqual(f(), { uc: 3, mc: 2, ucOver: false, mcOver: false });
+    const big = macTableSet(700, MAC_TABLE_ENTRIES + 1);
+    assert.ok(big.length > 4096 && big.length <= CTRL_MAX_COMMAND, `${big.length} bytes`);
+    assert.equal(await A.control(big), 0, "VIRTIO_NET_OK");
+    assert.deepEqual(f(), { uc: 0, mc: 0, ucOver: true, mcOver: true });
+    // a table that fits clears the overflow again
+    assert.equal(await A.control(macTableSet(1, 0)), 0);
+    assert.deepEqual(f(), { uc: 1, mc: 0, ucOver: false, mcOver: false });
+    const huge = macTableSet(11_000, 0);
+    assert.ok(huge.length > CTRL_MAX_COMMAND);
+    assert.equal(await A.control(huge), 1, "VIRTIO_NET_ERR written");
+    assert.deepEqual(f(), { uc: 1, mc: 0, ucOver: false, mcOver: false }, "filter unchanged");
+  } finally {
+    b.close();
+  }
+});
 
 test("device: SEND_RARP broadcasts a RARP on every other port and moves the MAC", async () => {
   const b = bench();

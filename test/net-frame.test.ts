@@ -259,7 +259,7 @@ test("frame: parseFrame rejects truncated and inconsistent headers with a FrameE
   badIhl[14] = 0x44;
   assert.throws(
     () => parseFrame(badIhl),
-    (e: FrameError) => e.field === "ipv4.ihl",
+    (e: FrameError) => e.field === "ipv4.ihl" && e.code === "ERR_VHOST_FRAME" && !e.fatal,
   );
   const badVer = v4.slice();
   badVer[14] = 0x55;

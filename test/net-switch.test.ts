@@ -276,6 +276,41 @@ test("switch: the MAC table has a limit; unlearned MACs are flooded", () => {
   sw.close();
 });
 
+test("switch: learn, learnMac and moveMac share the table limit and the unicast and age checks", () => {
+  const { sw, advance } = setup(2, { maxMacs: 2 });
+  sw.learn(mac(1), "p0");
+  sw.learnMac(mac(2), "p1");
+  sw.learn(mac(3), "p0");
+  assert.equal(sw.moveMac(mac(4), "p1"), null);
+  sw.learnMac(mac(5), "p0");
+  assert.equal(sw.stats().macs, 2, "the limit holds for every way in");
+  assert.equal(sw.stats().learnOverflows, 3);
+  // a known MAC still moves when the table is full
+  assert.equal(sw.moveMac(mac(1), "p1"), "p0");
+  assert.deepEqual(
+    sw.macsOnPort("p1").map((m) => m.mac),
+    [mac(1), mac(2)],
+  );
+  for (const bad of ["01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00"]) {
+    assert.throws(() => sw.learn(bad, "p0"), RangeError, `learn ${bad}`);
+    assert.throws(() => sw.moveMac(bad, "p0"), RangeError, `moveMac ${bad}`);
+    assert.throws(() => sw.learnMac(bad, "p0"), RangeError, `learnMac ${bad}`);
+  }
+  assert.throws(() => sw.learn(mac(1), "p0", -1), /age=-1/);
+  assert.throws(() => sw.learnMac(mac(1), "p0", Number.NaN), /age=NaN/);
+  assert.equal(sw.macsOnPort("p1").find((m) => m.mac === mac(1))?.ageMs, 0, "unchanged");
+  // an age is applied: the entry ages out that much sooner
+  sw.forgetMac(mac(2));
+  sw.learnMac(mac(6), "p0", 250_000);
+  assert.deepEqual(sw.macsOnPort("p0"), [{ mac: mac(6), ageMs: 250_000 }]);
+  advance(sw.ageingMs - 250_000);
+  assert.deepEqual(sw.macsOnPort("p0"), [], "aged out at the ageing time counted from the age");
+  // an age at or past the ageing time learns nothing
+  sw.learn(mac(7), "p0", sw.ageingMs);
+  assert.deepEqual(sw.macsOnPort("p0"), []);
+  sw.close();
+});
+
 test("switch: malformed frames and refusals are counted by reason on the right port", () => {
   const { sw, ports } = setup(3);
   const [a, b, c] = ports as [FakePort, FakePort, FakePort];

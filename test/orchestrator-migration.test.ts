@@ -26,13 +26,24 @@ import type { VhostUserPort } from "../src/net/virtio-net.js";
 import {
   MigrationError,
   SectionType,
+  SectionReader,
   SeqTrafficGuest,
+  decodeVirtioState,
+  encodeHeader,
   encodeJsonSection,
+  encodeSection,
+  encodeVirtioState,
   migrateSource,
   receiveMigration,
 } from "../src/orchestrator/index.js";
-import type { IncomingResult, MigrationResult } from "../src/orchestrator/index.js";
-import { VirtioFeature, featureSet } from "../src/protocol/constants.js";
+import type { IncomingResult, MigrationResult, Section } from "../src/orchestrator/index.js";
+import {
+  FrontendRequest,
+  VirtioFeature,
+  featureSet,
+  hasFeature,
+} from "../src/protocol/constants.js";
+import { VhostUserError } from "../src/protocol/errors.js";
 import type { QueueBase } from "../src/virtq/types.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x11]);
@@ -209,8 +220,9 @@ test("migration between two vhostkit switches: descriptors exactly once, RAM ide
     assert.ok(res.pagesSent >= src.ram.size / 4096, "the bulk pass sent every page");
     assert.ok(res.downtimeMs > 0 && res.downtimeMs < res.totalMs);
     const hasState = typeof (pA.device as { saveState?: unknown }).saveState === "function";
-    assert.equal(res.deviceStateTransferred, hasState, "port state travels when the port has it");
-    if (hasState) {
+    assert.equal(hasState, true, "the switch port's device keeps a state (saveState)");
+    assert.equal(res.deviceStateTransferred, true, "port state travels");
+    {
       // The switch port's counters went along (B has since taken the re-posted pending
       // buffers, at most a ring's worth, and may count the RARP frame it broadcast).
       const stA = swA.stats().ports.find((x) => x.name === "a-vm");
@@ -595,6 +607,445 @@ test("fault: the destination back-end refuses the state; the source resumes", as
     await expectResumed(p, err);
   } finally {
     server?.close();
+    p.close();
+  }
+});
+
+/** fds of this process open on a front-end dirty-log memfd */
+function dirtyLogFds(): number {
+  let n = 0;
+  for (const fd of readdirSync("/proc/self/fd")) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${fd}`).includes("vhostkit-dirty-log")) n++;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return n;
+}
+
+/**
+ * Migrate `p` to a real destination on b.sock; `hook` runs with the destination's accepted
+ * socket so a test can make the destination fail at a chosen point.
+ */
+async function migrateWithHook(
+  p: Pair,
+  hook: (dest: Socket) => void,
+): Promise<{ err: unknown; destErr: () => unknown }> {
+  let destErr: unknown = null;
+  const l = await listen((s) => {
+    hook(s);
+    receiveMigration({
+      stream: s,
+      connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
+    }).catch((e: unknown) => {
+      destErr = e;
+    });
+  });
+  try {
+    const err = await migrateSource({
+      frontend: p.fe,
+      stream: await connect(l.port),
+      guest: p.gen,
+    }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    await until("destination gave up", () => destErr !== null);
+    return { err, destErr: () => destErr };
+  } finally {
+    l.server.close();
+  }
+}
+
+/** Send FAIL to the source from the destination's socket, then hang up. */
+function destinationFails(dest: Socket): void {
+  dest.write(encodeJsonSection(SectionType.FAIL, { error: "injected" }));
+  setTimeout(() => dest.destroy(), 20);
+}
+
+test("fault: the destination FAILs while the source starts dirty logging; logging really ends", async () => {
+  const p = await statefulPair();
+  try {
+    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    let dest: Socket | null = null;
+    let injected = false;
+    const orig = p.fe.request.bind(p.fe);
+    p.fe.request = ((...args: Parameters<typeof orig>) => {
+      if (args[0] === FrontendRequest.SET_LOG_BASE && dest !== null && !injected) {
+        injected = true;
+        destinationFails(dest);
+        // the source sees the FAIL while SET_LOG_BASE is still on its way
+        return sleep(100).then(() => orig(...args));
+      }
+      return orig(...args);
+    }) as typeof orig;
+    const { err } = await migrateWithHook(p, (s) => {
+      dest = s;
+    });
+    assert.equal(injected, true, "the FAIL came during SET_LOG_BASE");
+    assert.ok(err instanceof MigrationError, String(err));
+    assert.match(err.message, /injected/);
+    await sleep(200); // nothing may still be running behind the rollback
+    assert.equal(hasFeature(p.fe.features, VirtioFeature.LOG_ALL), false, "LOG_ALL is off");
+    assert.equal(dirtyLogFds(), 0, "the dirty log memfd is closed");
+    assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
+    await expectResumed(p, err);
+  } finally {
+    p.close();
+  }
+});
+
+test("fault: the destination FAILs while the source stops its rings; the rings really restart", async () => {
+  const p = await statefulPair();
+  try {
+    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    let dest: Socket | null = null;
+    let injected = false;
+    const orig = p.fe.setVringEnable.bind(p.fe);
+    p.fe.setVringEnable = ((index: number, enable: boolean) => {
+      if (!enable && dest !== null && !injected) {
+        injected = true;
+        destinationFails(dest);
+        // the source sees the FAIL while SET_VRING_ENABLE 0 / GET_VRING_BASE are on their way
+        return sleep(100).then(() => orig(index, enable));
+      }
+      return orig(index, enable);
+    }) as typeof orig;
+    const { err } = await migrateWithHook(p, (s) => {
+      dest = s;
+    });
+    assert.equal(injected, true, "the FAIL came during the stop");
+    assert.ok(err instanceof MigrationError, String(err));
+    assert.equal(err.phase, "stop");
+    await sleep(200);
+    for (const [index, q] of p.fe.queues) assert.equal(q.stopped, false, `queue ${index} runs`);
+    assert.equal(hasFeature(p.fe.features, VirtioFeature.LOG_ALL), false, "LOG_ALL is off");
+    assert.equal(dirtyLogFds(), 0, "the dirty log memfd is closed");
+    await expectResumed(p, err);
+  } finally {
+    p.close();
+  }
+});
+
+/** A proxy from the source to a destination that rewrites sections on the way. */
+async function tamperingProxy(
+  destPort: number,
+  rewrite: (s: Section) => Section,
+): Promise<{ server: Server; port: number }> {
+  return listen((up) => {
+    up.on("error", () => undefined);
+    void connect(destPort).then(async (down) => {
+      down.on("error", () => undefined);
+      down.on("data", (c: Buffer) => {
+        if (!up.destroyed) up.write(c);
+      });
+      down.on("close", () => up.destroy());
+      up.on("close", () => down.destroy());
+      const r = new SectionReader(up);
+      try {
+        await r.header();
+        down.write(encodeHeader());
+        for (;;) {
+          const s = rewrite(await r.next());
+          down.write(encodeSection(s.type, s.payload));
+        }
+      } catch {
+        down.end();
+      }
+    });
+  });
+}
+
+function rewriteJson(s: Section, type: SectionType, f: (v: unknown) => unknown): Section {
+  if (s.type !== type) return s;
+  const v: unknown = JSON.parse(Buffer.from(s.payload).toString("utf8"));
+  return { type, payload: Buffer.from(JSON.stringify(f(v)) ?? "null", "utf8") };
+}
+
+type Json = Record<string, unknown> & { queues: Record<string, unknown>[] };
+
+/** Migrate through a tampering proxy; the destination must fail naming `field`. */
+async function tamperedMigration(
+  p: Pair,
+  rewrite: (s: Section) => Section,
+  field: string | RegExp,
+): Promise<void> {
+  let destErr: unknown = null;
+  let connected = 0;
+  const d = await listen((s) => {
+    receiveMigration({
+      stream: s,
+      connectBackend: () => {
+        connected++;
+        return VhostUserFrontend.connect(join(p.dir, "b.sock"));
+      },
+    }).catch((e: unknown) => {
+      destErr = e;
+    });
+  });
+  const pr = await tamperingProxy(d.port, rewrite);
+  try {
+    const err = await migrateSource({
+      frontend: p.fe,
+      stream: await connect(pr.port),
+      guest: p.gen,
+    }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    await until("destination gave up", () => destErr !== null);
+    assert.ok(destErr instanceof VhostUserError, `field error expected, got ${String(destErr)}`);
+    if (typeof field === "string") assert.equal(destErr.field, field, destErr.message);
+    else assert.match(destErr.field ?? "", field, destErr.message);
+    assert.ok(connected <= 1);
+    await until("destination released its back-end", () => p.srvB.session === null, 4000).catch(
+      () => undefined,
+    );
+    assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
+    assert.ok(err instanceof MigrationError, String(err));
+    assert.match(err.message, /destination failed|connection closed|truncated/);
+    await expectResumed(p, err);
+  } finally {
+    pr.server.close();
+    d.server.close();
+  }
+}
+
+const malformed: {
+  name: string;
+  field: string | RegExp;
+  rewrite: (s: Section) => Section;
+}[] = [
+  {
+    name: "SETUP asks for 128 GiB",
+    field: "SETUP.regions[0].size",
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.SETUP, (v) => {
+        const j = v as { regions: { size: number }[] };
+        (j.regions[0] as { size: number }).size = 2 ** 37;
+        return j;
+      }),
+  },
+  {
+    name: "SETUP has 33 regions",
+    field: "SETUP.regions.length",
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.SETUP, (v) => {
+        const j = v as { regions: { gpa: number; size: number; uaddr: number }[] };
+        j.regions = Array.from({ length: 33 }, (_, i) => ({
+          gpa: i * 4096,
+          size: 4096,
+          uaddr: 0,
+        }));
+        return j;
+      }),
+  },
+  {
+    name: "SETUP features are not a number",
+    field: "SETUP.features",
+    rewrite: (s) => rewriteJson(s, SectionType.SETUP, (v) => ({ ...(v as Json), features: "x" })),
+  },
+  {
+    name: "SETUP features the destination back-end lacks",
+    field: "features",
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.SETUP, (v) => {
+        const j = v as { features: string };
+        return { ...j, features: (BigInt(j.features) | (1n << 55n)).toString() };
+      }),
+  },
+  {
+    name: "DRIVER_STATE is null",
+    field: "DRIVER_STATE",
+    rewrite: (s) => rewriteJson(s, SectionType.DRIVER_STATE, () => null),
+  },
+  {
+    name: "DRIVER_STATE ring.avail disagrees with the virtio state",
+    field: /^DRIVER_STATE\.queue\[\d\]\.ring\.avail$/,
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.DRIVER_STATE, (v) => {
+        const j = v as Json;
+        const q = j.queues[0] as { ring: { avail: number } };
+        q.ring.avail += 4096;
+        return j;
+      }),
+  },
+  {
+    name: "DRIVER_STATE lastUsedIdx is a string",
+    field: /^DRIVER_STATE\.queue\[\d\]\.lastUsedIdx$/,
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.DRIVER_STATE, (v) => {
+        const j = v as Json;
+        (j.queues[0] as { lastUsedIdx: unknown }).lastUsedIdx = "7";
+        return j;
+      }),
+  },
+  {
+    name: "DRIVER_STATE pool outside guest RAM",
+    field: /^DRIVER_STATE\.queue\[\d\]\.pool$/,
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.DRIVER_STATE, (v) => {
+        const j = v as Json;
+        (j.queues[0] as { pool: unknown }).pool = 2 ** 40;
+        return j;
+      }),
+  },
+  {
+    name: "DRIVER_STATE allocator not a list",
+    field: "DRIVER_STATE.allocator",
+    rewrite: (s) =>
+      rewriteJson(s, SectionType.DRIVER_STATE, (v) => ({ ...(v as Json), allocator: 5 })),
+  },
+];
+
+for (const c of malformed) {
+  test(`fault: malformed stream (${c.name}); the destination fails naming the field`, async () => {
+    const p = await statefulPair();
+    try {
+      await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+      await tamperedMigration(p, c.rewrite, c.field);
+    } finally {
+      p.close();
+    }
+  });
+}
+
+test("fault: packed ring with buffers in flight in the source back-end is refused", async () => {
+  const p = await statefulPair(true);
+  try {
+    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await tamperedMigration(
+      p,
+      (s) => {
+        if (s.type !== SectionType.VIRTIO_STATE) return s;
+        const vs = decodeVirtioState(s.payload);
+        const q = vs.queues.find((x) => x.index === 1);
+        assert.ok(q);
+        const availWrap = q.availWrap ?? true;
+        const halfMissing = q.usedIdx === 0 && q.usedWrap === false;
+        // the device's used position as the destination reads it, stated explicitly ...
+        q.usedIdx = halfMissing ? q.lastAvailIdx : q.usedIdx;
+        q.usedWrap = halfMissing ? availWrap : (q.usedWrap ?? true);
+        // ... and an avail position one buffer ahead of it: popped and not used at the stop
+        if (q.lastAvailIdx + 1 < q.size) q.lastAvailIdx += 1;
+        else {
+          q.lastAvailIdx = 0;
+          q.availWrap = !availWrap;
+        }
+        // keep the driver's view consistent with the used half, so that only the in-flight
+        // check can refuse it
+        return { type: s.type, payload: encodeVirtioState(vs) };
+      },
+      "queue[1].lastAvailIdx",
+    );
+  } finally {
+    p.close();
+  }
+});
+
+/** A fake destination that answers with `hello` (or nothing) and never acknowledges. */
+async function fakeDestination(
+  hello: unknown,
+): Promise<{ server: Server; port: number; conns: Socket[] }> {
+  const conns: Socket[] = [];
+  const l = await listen((s) => {
+    conns.push(s);
+    s.on("error", () => undefined);
+    s.on("data", () => undefined);
+    if (hello !== null) s.write(encodeJsonSection(SectionType.HELLO, hello));
+  });
+  return { ...l, conns };
+}
+
+const ALL_FEATURES = (2n ** 64n - 1n).toString();
+
+for (const c of [
+  {
+    name: "a destination back-end lacking features",
+    hello: { offeredFeatures: "1", protocolFeatures: "0", deviceState: false },
+    match: /lacks features/,
+    phase: "setup",
+  },
+  {
+    name: "a malformed HELLO",
+    hello: { offeredFeatures: 5, protocolFeatures: "0", deviceState: false },
+    match: /HELLO\.offeredFeatures/,
+    phase: "setup",
+  },
+  {
+    name: "no HELLO (timeout)",
+    hello: null,
+    match: /no HELLO from the destination/,
+    phase: "setup",
+  },
+  {
+    name: "no ITERATION_ACK (timeout)",
+    hello: { offeredFeatures: ALL_FEATURES, protocolFeatures: "0", deviceState: false },
+    match: /no ITERATION_ACK 1 from the destination/,
+    phase: "precopy",
+  },
+]) {
+  test(`fault: ${c.name}; the source resumes`, async () => {
+    const p = await statefulPair();
+    const d = await fakeDestination(c.hello);
+    try {
+      await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+      const err = await migrateSource({
+        frontend: p.fe,
+        stream: await connect(d.port),
+        guest: p.gen,
+        helloTimeoutMs: 1000,
+      }).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof MigrationError, String(err));
+      assert.match(err.message, c.match);
+      assert.equal(err.phase, c.phase);
+      assert.equal(hasFeature(p.fe.features, VirtioFeature.LOG_ALL), false, "LOG_ALL is off");
+      assert.equal(dirtyLogFds(), 0, "the dirty log memfd is closed");
+      await expectResumed(p, err);
+    } finally {
+      for (const s of d.conns) s.destroy();
+      d.server.close();
+      p.close();
+    }
+  });
+}
+
+test("SeqTrafficGuest.restore: a malformed GUEST_STATE fails naming the field", async () => {
+  const p = await statefulPair();
+  try {
+    const good = JSON.parse(Buffer.from(p.gen.saveState()).toString("utf8")) as Record<
+      string,
+      unknown
+    >;
+    const restore = (v: unknown): unknown => {
+      try {
+        SeqTrafficGuest.restore(p.fe, Buffer.from(typeof v === "string" ? v : JSON.stringify(v)));
+        return null;
+      } catch (e) {
+        return e;
+      }
+    };
+    const cases: [unknown, string][] = [
+      ["{not json", "GUEST_STATE"],
+      [null, "GUEST_STATE"],
+      [{ ...good, options: 3 }, "options"],
+      [{ ...good, txBase: 2 ** 40 }, "txBase"],
+      [{ ...good, nextSeq: -1 }, "nextSeq"],
+      [{ ...good, options: { ...(good.options as object), srcMac: [1, 2] } }, "options.srcMac"],
+      [{ ...good, options: { ...(good.options as object), txQueue: "1" } }, "options.txQueue"],
+    ];
+    for (const [v, field] of cases) {
+      const e = restore(v);
+      assert.ok(e instanceof VhostUserError, `${JSON.stringify(v)}: ${String(e)}`);
+      assert.equal(e.field, field);
+    }
+    // the untampered state restores (same RAM: its buffer area is inside it)
+    assert.equal(restore(good), null);
+  } finally {
     p.close();
   }
 });

@@ -11,10 +11,12 @@ import fc from "fast-check";
 
 import { GuestRam } from "../src/frontend/guest-ram.js";
 import { FrontendDirtyLog, logSizeFor } from "../src/frontend/migration.js";
+import { crc32 } from "../src/migration/state-codec.js";
 import { native } from "../src/native.js";
 import { VirtioFeature, featureMask } from "../src/protocol/constants.js";
 import {
   MigrationStreamFormatError,
+  READER_HIGH_WATER,
   SectionReader,
   SectionType,
   VirtioStateError,
@@ -212,8 +214,70 @@ test("stream: header versions, CRC and truncation", async () => {
   for (let n = 0; n < good.length; n++) {
     const e = await readAll(good.subarray(0, n));
     assert.ok(e instanceof MigrationStreamFormatError, `cut at ${n}`);
-    assert.match(e.message, n < 16 ? /truncated/ : /truncated/);
+    assert.match(e.message, /truncated/);
+    // the error names what was cut: the header, a section's header, or its body
+    assert.equal(
+      (e as MigrationStreamFormatError).field,
+      n < 16 ? "header" : n < 24 ? "section header" : `section ${SectionType[good[16] as number]}`,
+      `cut at ${n}`,
+    );
   }
+});
+
+test("stream: non-zero reserved header field, section flags or reserved bytes are refused", async () => {
+  const hdr = encodeHeader();
+  hdr[15] = 1;
+  const e1 = await readAll(hdr);
+  assert.ok(e1 instanceof MigrationStreamFormatError, String(e1));
+  assert.equal(e1.field, "reserved");
+  assert.match(e1.message, /reserved/);
+  /** a section with byte `at` of its header set to `v`, CRC recomputed */
+  const tampered = (at: number, v: number): Buffer => {
+    const sec = encodeSection(SectionType.END, new Uint8Array(33));
+    sec[at] = v;
+    sec.writeUInt32BE(crc32(sec.subarray(0, sec.length - 4)), sec.length - 4);
+    return Buffer.concat([encodeHeader(), sec]);
+  };
+  const e2 = await readAll(tampered(1, 0x80));
+  assert.ok(e2 instanceof MigrationStreamFormatError, String(e2));
+  assert.equal(e2.field, "flags");
+  assert.match(e2.message, /section END: flags must be 0/);
+  for (const at of [2, 3]) {
+    const e3 = await readAll(tampered(at, 1));
+    assert.ok(e3 instanceof MigrationStreamFormatError, String(e3));
+    assert.equal(e3.field, "reserved", `reserved byte ${at}`);
+  }
+  // untampered: read to the end
+  const ok = await readAll(tampered(1, 0));
+  assert.ok(ok instanceof MigrationStreamFormatError && ok.field === "section header");
+});
+
+test("stream: the reader pauses its socket above the high-water mark and resumes", async () => {
+  const p = new PassThrough({ highWaterMark: 1 << 16 });
+  const r = new SectionReader(p);
+  const payload = new Uint8Array(1 << 20).fill(7);
+  const count = 20;
+  p.write(encodeHeader());
+  for (let i = 0; i < count; i++) p.write(encodeSection(SectionType.PAGES, payload));
+  p.end();
+  for (let i = 0; i < 20; i++) await new Promise((resolve) => setImmediate(resolve));
+  assert.equal(p.isPaused(), true, "paused while nobody reads");
+  assert.ok(
+    p.readableLength + p.writableLength > (count << 20) - READER_HIGH_WATER - (2 << 20),
+    `bytes held back in the socket: ${p.readableLength + p.writableLength}`,
+  );
+  assert.equal(r.bytesRead, 0);
+  assert.equal(await r.header(), 1);
+  for (let i = 0; i < count; i++) {
+    const s = await r.next();
+    assert.equal(s.payload.length, 1 << 20, `section ${i}`);
+  }
+  assert.equal(p.isPaused(), false, "resumed once consumed");
+  const end = await r.next().then(
+    () => null,
+    (e: unknown) => e,
+  );
+  assert.ok(end instanceof MigrationStreamFormatError && /truncated/.test(end.message));
 });
 
 test("front-end dirty log: size from the memory table, atomic fetch-and-clear", () => {

@@ -1,5 +1,5 @@
 /**
- * Real QEMU 7.2 live migration between two vhostkit switches (issue 5): a TCG guest on switch A
+ * Real QEMU 7.2 live migration between two vhostkit switches: a TCG guest on switch A
  * pings a host in a test namespace (behind a TAP uplink of switch A) without pause; QEMU
  * migrates it live to a QEMU (-incoming) attached to switch B; A and B are joined by a VXLAN
  * uplink over loopback. The migration completes and the pings go on with at most a few lost;

@@ -1,5 +1,5 @@
 /**
- * The switch with real QEMU 7.2 TCG guests (issue 4): two guests on two ports ping each other;
+ * The switch with real QEMU 7.2 TCG guests: two guests on two ports ping each other;
  * a guest pings a namespace through the TAP uplink, and TCP streams cross it both ways with
  * TSO frames passed whole (virtio-net header on the TAP); two switch processes joined by VXLAN
  * carry guest-to-guest ping and TCP and reach a Linux vxlan device in a namespace; a guest with
@@ -15,9 +15,8 @@
  * scenarios, which boot their own guest (G3: 2 vCPUs, mq=on; G4: QEMU server=on). S2 and S3
  * are joined by VXLAN (VNI 42) over a host veth, with a Linux vxlan device in namespace V
  * (192.0.2.200/25) on the same segment.
- * The switches are `vhostkit switch` child processes (stats via `vhostkit stats --json`), but
- * for the multiqueue scenario, which needs per-queue-pair counters the CLI's snapshot does not
- * have: there it is test/fixtures/switch-child.ts (same arguments, built from the library).
+ * The switches are `vhostkit switch` child processes; counters (per port, per queue pair, and
+ * the software offload counts) come from `vhostkit stats --control PATH --json`.
  * Needs root.
  */
 import { test, before, after } from "node:test";
@@ -40,10 +39,8 @@ import { icmpEcho } from "./fixtures/switch-frames.js";
 
 const execFileP = promisify(execFile);
 const HERE = dirname(fileURLToPath(import.meta.url));
-/** `vhostkit switch` (the CLI). */
+/** `vhostkit switch` / `vhostkit stats` (the CLI). */
 const CLI = join(HERE, "..", "..", "bin", "vhostkit.js");
-/** A switch built from the library with per-queue-pair counters on stdin `stats`. */
-const FIXTURE = join(HERE, "fixtures", "switch-child.js");
 
 const isRoot = process.getuid?.() === 0;
 const skip = isRoot ? false : "needs root (namespaces, TAP)";
@@ -64,39 +61,27 @@ interface SwitchStats {
 /** What `vhostkit stats --json` prints (the fields the tests read). */
 interface CliSnapshot {
   switch: SwitchStats;
-  vhostPorts: { name: string; connected: boolean }[];
+  vhostPorts: { name: string; connected: boolean; pairCounters: PairCounters[] }[];
 }
 
-/**
- * A switch child process: `vhostkit switch ARGS --control CTL` (the CLI), or the fixture with
- * the same arguments (used where per-queue-pair counters are needed).
- */
+/** A `vhostkit switch ARGS --control <first socket>.ctl` child process. */
 class SwitchProc {
   readonly child: ChildProcess;
-  readonly control: string | null;
+  readonly control: string;
   stderr = "";
-  #out = "";
   #exited: Promise<number | null>;
   #exitCode: number | null | undefined;
   readonly #onExit = (): void => {
     if (this.#exitCode === undefined) this.child.kill("SIGKILL");
   };
 
-  constructor(
-    readonly args: readonly string[],
-    kind: "cli" | "fixture",
-  ) {
-    this.control = kind === "cli" ? `${args[args.indexOf("--socket") + 1] as string}.ctl` : null;
-    const argv =
-      kind === "cli"
-        ? [CLI, "switch", ...args, "--control", this.control as string]
-        : [FIXTURE, ...args];
-    this.child = spawn(process.execPath, argv, { stdio: ["pipe", "pipe", "pipe"] });
+  constructor(readonly args: readonly string[]) {
+    this.control = `${args[args.indexOf("--socket") + 1] as string}.ctl`;
+    this.child = spawn(process.execPath, [CLI, "switch", ...args, "--control", this.control], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
     this.child.stderr?.on("data", (d: Buffer) => {
       this.stderr = (this.stderr + d.toString()).slice(-20_000);
-    });
-    this.child.stdout?.on("data", (d: Buffer) => {
-      this.#out += d.toString();
     });
     this.#exited = new Promise((resolve) =>
       this.child.on("exit", (code) => {
@@ -105,11 +90,6 @@ class SwitchProc {
       }),
     );
     process.on("exit", this.#onExit);
-  }
-
-  /** @returns true while the process runs */
-  get running(): boolean {
-    return this.#exitCode === undefined;
   }
 
   async ready(timeoutMs = 15_000): Promise<void> {
@@ -121,35 +101,19 @@ class SwitchProc {
     }
   }
 
-  /** @returns the switch's stats: `vhostkit stats --control CTL --json` for the CLI */
-  async stats(): Promise<SwitchStats> {
-    if (this.control !== null) {
-      const { stdout } = await execFileP(
-        process.execPath,
-        [CLI, "stats", "--control", this.control, "--json"],
-        { timeout: 10_000 },
-      );
-      return (JSON.parse(stdout) as CliSnapshot).switch;
-    }
-    return (await this.fixtureStats()).switch;
+  /** @returns the snapshot `vhostkit stats --control CTL --json` prints */
+  async snapshot(): Promise<CliSnapshot> {
+    const { stdout } = await execFileP(
+      process.execPath,
+      [CLI, "stats", "--control", this.control, "--json"],
+      { timeout: 10_000 },
+    );
+    return JSON.parse(stdout) as CliSnapshot;
   }
 
-  /** @returns the fixture's stats with per-queue-pair counters of each vhost-user port */
-  async fixtureStats(): Promise<{ switch: SwitchStats; pairs: Record<string, PairCounters[]> }> {
-    const start = this.#out.length;
-    this.child.stdin?.write("stats\n");
-    const deadline = Date.now() + 5000;
-    for (;;) {
-      const nl = this.#out.indexOf("\n", start);
-      if (nl >= 0) {
-        const o = JSON.parse(this.#out.slice(start, nl)) as SwitchStats & {
-          pairs: Record<string, PairCounters[]>;
-        };
-        return { switch: o, pairs: o.pairs };
-      }
-      if (Date.now() > deadline) throw new Error("switch: no stats answer");
-      await sleep(20);
-    }
+  /** @returns the switch's counters */
+  async stats(): Promise<SwitchStats> {
+    return (await this.snapshot()).switch;
   }
 
   /** SIGTERM, then SIGKILL after 5 s. @returns the exit code */
@@ -165,8 +129,8 @@ class SwitchProc {
   }
 }
 
-async function startSwitch(args: string[], kind: "cli" | "fixture" = "cli"): Promise<SwitchProc> {
-  const s = new SwitchProc(args, kind);
+async function startSwitch(args: string[]): Promise<SwitchProc> {
+  const s = new SwitchProc(args);
   await s.ready();
   return s;
 }
@@ -519,8 +483,8 @@ scenario(
   90_000,
   async () => {
     const { sockE, s4Args, tapAddrs, image } = w();
-    // a library-built switch (per-queue-pair counters), joined to S1 by VXLAN over loopback
-    const s4 = await startSwitch(s4Args, "fixture");
+    // a switch joined to S1 by VXLAN over loopback
+    const s4 = await startSwitch(s4Args);
     let g3: Guest | null = null;
     try {
       g3 = await startGuest({
@@ -538,7 +502,8 @@ scenario(
       // whose flows the switch hashes to different RX pairs
       await ping(g3, tapAddrs[0] as string, 3, "taskset 1 ");
       await ping(g3, tapAddrs[1] as string, 3, "taskset 2 ");
-      const pairs = (await s4.fixtureStats()).pairs[sockE] ?? [];
+      const pairs = (await s4.snapshot()).vhostPorts.find((p) => p.name === sockE)?.pairCounters;
+      assert.ok(pairs !== undefined, "the multiqueue port in the snapshot");
       assert.equal(pairs.length, 2);
       for (let i = 0; i < 2; i++) {
         const c = pairs[i] as PairCounters;

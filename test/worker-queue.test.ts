@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 import { mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { setImmediate as nextTurn } from "node:timers/promises";
 
 import {
   ProtocolFeature,
@@ -20,7 +21,8 @@ import {
 import { serveBackend } from "../src/backend/server.js";
 import type { BackendServer } from "../src/backend/server.js";
 import type { BackendSession } from "../src/backend/session.js";
-import type { Logger } from "../src/backend/device.js";
+import type { Logger, WorkerQueueSpec } from "../src/backend/device.js";
+import { VhostUserError } from "../src/protocol/errors.js";
 import type { QueueWorker } from "../src/backend/worker-queue.js";
 import { NetTestDevice } from "../src/devices/net-test-device.js";
 import { gpa } from "../src/memory/address.js";
@@ -101,7 +103,18 @@ function frame(seq: number): Uint8Array {
 }
 
 /** Transmit n frames, kicking per batch, reclaiming used buffers; resolves when all are used. */
-async function transmit(tx: FrontendQueue, n: number, from = 0, timeoutMs = 10_000): Promise<void> {
+/**
+ * Post `n` frames on `tx`, kicking after each batch, until all are used.
+ * @param pause what to wait for when the ring is full: a 1 ms timer by default; the polling
+ *   tests pass one event-loop turn, so that batches land while the device still polls
+ */
+async function transmit(
+  tx: FrontendQueue,
+  n: number,
+  from = 0,
+  timeoutMs = 10_000,
+  pause: () => Promise<unknown> = () => sleep(1),
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let next = 0;
   while (next < n || tx.outstanding > 0) {
@@ -114,7 +127,7 @@ async function transmit(tx: FrontendQueue, n: number, from = 0, timeoutMs = 10_0
       added++;
     }
     if (added > 0) tx.kick();
-    else await sleep(1);
+    else await pause();
     tx.reclaim();
   }
 }
@@ -273,7 +286,7 @@ for (const workerQueues of [false, true]) {
         assert.ok(tx);
         let sent = 0;
         for (let round = 0; round < 4; round++) {
-          await transmit(tx, 1000, sent);
+          await transmit(tx, 1000, sent, 10_000, nextTurn);
           sent += 1000;
           await until(() => s.device.totalTx === sent, `${sent} frames counted`);
           // a pause longer than the polling window: notifications must be asked for again,
@@ -364,3 +377,65 @@ for (const packed of [false, true]) {
     }
   });
 }
+
+/** A handler that never returns once it sees a buffer: the worker stops answering. */
+const HANGING_MODULE =
+  "data:text/javascript," +
+  encodeURIComponent(
+    "export function createQueueHandler() { return { process(q) { if (q.pop()) for (;;) {} } }; }",
+  );
+
+/** Sink device whose TX worker hangs on its first buffer. */
+class HangingDevice extends NetTestDevice {
+  constructor() {
+    super({ mode: "sink", workerQueues: true });
+  }
+  override workerQueue(index: number): WorkerQueueSpec | null {
+    return index === 1 ? { module: HANGING_MODULE, options: null } : null;
+  }
+}
+
+test("worker queue: a worker that stops answering is terminated; GET_VRING_BASE fails, the ring breaks, its fds are closed", async () => {
+  const fdsBefore = openFds();
+  const path = socketPath();
+  const log = new Lines();
+  const server = serveBackend(new HangingDevice(), { path, logger: log });
+  const errors: VhostUserError[] = [];
+  server.on("error", (e: VhostUserError) => errors.push(e));
+  const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 12_000 });
+  const ram = GuestRam.create({ size: 4 << 20, name: `wq-hang-${process.pid}` });
+  try {
+    await until(() => server.session !== null, "the session");
+    const session = server.session as BackendSession;
+    await fe.negotiate({ features: FEATURES });
+    const [, tx] = await fe.start(ram, [64, 64]);
+    assert.ok(tx);
+    const vring = session.vrings[1]!;
+    // The ring starts (in its worker) on the first kick; the worker then hangs on the buffer.
+    tx.sendFrame(frame(1));
+    await until(() => vring.worker !== null, "the worker");
+    const worker = vring.worker!;
+    await sleep(50);
+    assert.ok(worker.ownedFds > 0, "the worker holds kick/call dups");
+    // The worker is stuck: GET_VRING_BASE waits for the answer timeout (5 s), then fails.
+    const base = await fe.stopQueue(1);
+    assert.equal(base.availIdx, 0, "the failure reply, not the stale start base");
+    assert.ok(
+      errors.some((e) => e.request === "GET_VRING_BASE" && /position lost/.test(e.message)),
+      `GET_VRING_BASE failed: ${errors.map((e) => e.message).join("; ")}`,
+    );
+    assert.match(vring.broken ?? "", /worker/);
+    await until(() => tx.stats.errors > 0, "the err eventfd to fire");
+    assert.notEqual(await worker.exited, 0, "the worker was terminated");
+    assert.equal(worker.ownedFds, 0, "every fd sent to the worker is closed");
+    assert.equal(vring.worker, null);
+    assert.equal(session.closed, false, "the connection goes on");
+  } finally {
+    fe.close();
+    server.close();
+    ram.close();
+  }
+  await sleep(50);
+  const leaked = [...openFds()].filter((fd) => !fdsBefore.has(fd));
+  assert.deepEqual(leaked, [], `leaked fds: ${describeFds(leaked)}`);
+});

@@ -25,7 +25,10 @@ import type {
   WorkerRingAddresses,
 } from "./worker-queue.js";
 
-/** Map every region (closing the worker's dups), all or nothing. */
+/**
+ * Map every region, all or nothing. The fds stay open: they belong to the main thread's
+ * QueueWorker, which closes every fd it sent once the worker is done with it.
+ */
 function mapAll(regions: WorkerRegionInit[]): Region[] {
   const mapped: Region[] = [];
   try {
@@ -43,8 +46,6 @@ function mapAll(regions: WorkerRegionInit[]): Region[] {
   } catch (err) {
     for (const m of mapped) unmapRegion(m);
     throw err;
-  } finally {
-    for (const r of regions) native.close(r.fd);
   }
 }
 
@@ -213,7 +214,6 @@ class RingWorker {
       });
     } catch (err) {
       this.#break(err instanceof Error ? err.message : String(err));
-      for (const m of this.#pending) this.#closeFdsOf(m);
       return;
     }
     this.#watchKick();
@@ -225,16 +225,9 @@ class RingWorker {
     this.#run();
   }
 
-  #closeFdsOf(m: ToWorker): void {
-    if ((m.type === "call" || m.type === "kick") && m.fd >= 0) native.close(m.fd);
-    if (m.type === "remap") for (const r of m.regions) native.close(r.fd);
-  }
-
   #onMessage(m: ToWorker): void {
-    if (this.#ended) {
-      this.#closeFdsOf(m);
-      return;
-    }
+    // Fds in messages belong to the main thread (QueueWorker closes them): never closed here.
+    if (this.#ended) return;
     const ring = this.#ring!;
     switch (m.type) {
       case "enable":
@@ -242,12 +235,10 @@ class RingWorker {
         this.#schedule();
         return;
       case "call":
-        if (ring.callFd >= 0) native.close(ring.callFd);
         ring.callFd = m.fd;
         return;
       case "kick":
         this.#unwatchKick();
-        if (this.#kickFd >= 0) native.close(this.#kickFd);
         this.#kickFd = m.fd;
         this.#watchKick();
         this.#schedule();
@@ -313,17 +304,18 @@ class RingWorker {
     this.#release();
   }
 
-  /** Unmap, close every fd, stop watching: the thread then ends by itself. */
+  /**
+   * Unmap, stop watching: the thread then ends by itself. The fds it was sent are closed by the
+   * main thread once the thread has exited.
+   */
   #release(): void {
     if (this.#ended) return;
     this.#ended = true;
     this.#unwatchKick();
-    if (this.#kickFd >= 0) native.close(this.#kickFd);
     this.#kickFd = -1;
     const ring = this.#ring;
     if (ring) {
       ring.started = false;
-      if (ring.callFd >= 0) native.close(ring.callFd);
       ring.callFd = -1;
     }
     for (const r of this.#regions) unmapRegion(r);

@@ -37,12 +37,17 @@ export interface ServeOptions {
 
 /**
  * A device served on one socket. Events: `session` (a front-end connected, with the
- * {@link BackendSession}), `disconnect`, `error`.
+ * {@link BackendSession}), `disconnect`, `error` (a request failed, or the listening socket
+ * failed), `close` (the server stopped serving: {@link close}, or a listening-socket error).
  */
 export class BackendServer extends EventEmitter {
+  /** the device served */
   readonly device: VhostUserDevice;
+  /** the socket path */
   readonly path: string;
+  /** true in client mode (connects to the front-end's socket) */
   readonly client: boolean;
+  /** the application's logger (the silent logger when none was given) */
   readonly log: Logger;
   #listenFd = -1;
   #listenWatcher: FdWatcher | null = null;
@@ -57,8 +62,11 @@ export class BackendServer extends EventEmitter {
   readonly #maxStateBytes: number | undefined;
 
   /**
+   * Serve a device: listen on `options.path` (server mode) or connect to it (client mode).
    * @param device the device to serve
    * @param options socket path, mode, logger
+   * @throws NativeError when the listening socket cannot be created; Error when a live server
+   *   already listens on the path or the path is not a socket
    */
   constructor(device: VhostUserDevice, options: ServeOptions) {
     super();
@@ -77,16 +85,37 @@ export class BackendServer extends EventEmitter {
       if (options.unlinkStale !== false) removeStaleSocket(this.path);
       this.#listenFd = native.unixListen(this.path, 16);
       this.#createdSocket = true;
-      this.#listenWatcher = new native.FdWatcher(this.#listenFd, (_ev, err) => {
-        if (err) {
-          this.log.error(`${this.path}: listen socket error: ${err.message}`);
-          return;
-        }
-        this.#accept();
-      });
-      this.#listenWatcher.start(POLL_READABLE);
+      try {
+        this.#listenWatcher = new native.FdWatcher(this.#listenFd, (_ev, err) => {
+          if (err) {
+            this.#listenFailed(err);
+            return;
+          }
+          this.#accept();
+        });
+        this.#listenWatcher.start(POLL_READABLE);
+      } catch (err) {
+        this.close();
+        throw err;
+      }
       this.log.info(`${this.path}: listening`);
     }
+  }
+
+  /**
+   * The listening socket failed (its watcher has stopped): a server that silently stopped
+   * accepting would look alive, so report it and stop serving.
+   */
+  #listenFailed(err: Error): void {
+    this.log.error(`${this.path}: listen socket error: ${err.message}; no longer accepting`);
+    const error = new Error(`${this.path}: listen socket error: ${err.message}`, { cause: err });
+    if (this.listenerCount("error") > 0) this.emit("error", error);
+    this.close();
+  }
+
+  /** @returns true once the server stopped serving ({@link close} or a listen-socket error) */
+  get closed(): boolean {
+    return this.#closed;
   }
 
   /** @returns the current session, or null while no front-end is connected */
@@ -170,7 +199,10 @@ export class BackendServer extends EventEmitter {
     this.emit("session", session);
   }
 
-  /** Stop serving: close the session and the socket, and remove the socket file it created. */
+  /**
+   * Stop serving: close the session and the socket, and remove the socket file it created.
+   * Emits `close` once. Idempotent.
+   */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -188,6 +220,7 @@ export class BackendServer extends EventEmitter {
         // already gone
       }
     }
+    this.emit("close");
   }
 }
 

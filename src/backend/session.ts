@@ -21,6 +21,8 @@ import {
   VRING_F_LOG,
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
+import { checkGate, failureReply, requestSpec, hasExplicitReply } from "../protocol/table.js";
+import type { AnyRequestSpec } from "../protocol/table.js";
 import {
   checkDeviceStateParams,
   decodePackedVringBase,
@@ -32,9 +34,10 @@ import type { MemoryRegion } from "../protocol/codecs.js";
 import { Channel } from "../channel.js";
 import type { FrontendRequestMessage as FrontendMessage } from "../protocol/framing.js";
 import { GuestMemory } from "../memory/guest-memory.js";
-import type { Region } from "../memory/guest-memory.js";
+import type { Region, RegionInfo } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
-import { mapRegion, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
+import { mapRegionSplit, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
+import { LOG_PAGE_SIZE } from "../memory/dirty-log.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
 import { MAX_QUEUE_SIZE } from "../virtq/layout.js";
 import { DeviceStateDirection } from "../protocol/constants.js";
@@ -86,8 +89,8 @@ export interface BackendSessionOptions {
   maxStateBytes?: number;
   /**
    * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
-   * after the last turn that found work; 0 (the default) disables it; `SPIN_IDLE_TURNS` (vring.ts)
-   * is a suggested value.
+   * after the last turn that found work; 0 (the default) disables it. `SPIN_IDLE_TURNS` (vring.ts)
+   * is an example value; measured against DPDK on 2 cores it lowered throughput.
    */
   pollTurns?: number;
 }
@@ -103,8 +106,11 @@ interface StateTransfer {
 
 /** Counters of one session, for stats and tests. */
 export interface SessionStats {
+  /** requests received */
   requests: number;
+  /** requests that failed (a failure reply was sent where one was due) */
   failedRequests: number;
+  /** memory-table changes installed (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) */
   memoryTableUpdates: number;
 }
 
@@ -130,11 +136,17 @@ function badField(request: string, field: string, value: unknown, what: string):
  * unless the error is fatal), `ready` (a ring started).
  */
 export class BackendSession extends EventEmitter implements VringHost, DeviceContext {
+  /** the main channel of the connection (role back-end) */
   readonly channel: Channel<"main">;
+  /** the device served */
   readonly device: VhostUserDevice;
+  /** the session's logger */
   readonly log: Logger;
+  /** name used in log lines (e.g. the socket path) */
   readonly name: string;
+  /** one record per queue of the device, by index */
   readonly vrings: Vring[];
+  /** request counters */
   readonly stats: SessionStats = { requests: 0, failedRequests: 0, memoryTableUpdates: 0 };
 
   #features = 0n;
@@ -145,6 +157,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #regions: Region[] = [];
   /** the fd of each mapped region, kept open so worker rings can map the region too */
   readonly #regionFds = new Map<Region, number>();
+  /**
+   * The memory-table region each mapped region belongs to: a region of 2 GiB or more is mapped
+   * as several adjacent ones (see `mapRegionSplit`), which share one entry here.
+   */
+  readonly #origin = new Map<Region, RegionInfo>();
   #memory: GuestMemory | null = null;
   #dirtyLog: DirtyLog | null = null;
   #logFd = -1;
@@ -159,10 +176,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   readonly pollTurns: number;
 
   /**
-   * Attach a device to a connected channel.
+   * Attach a device to a connected channel (vhost-user: "Front-end message types").
    * @param channel the main channel, role back-end
    * @param device the device to serve
    * @param options name and logger
+   * @throws RangeError when `options.pollTurns` is not an integer >= 0
    */
   constructor(channel: Channel<"main">, device: VhostUserDevice, options: BackendSessionOptions) {
     super();
@@ -229,10 +247,18 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     return this.vrings[index];
   }
 
-  /** Send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG if the BACKEND_REQ channel is up. */
+  /**
+   * Send VHOST_USER_BACKEND_CONFIG_CHANGE_MSG if the BACKEND_REQ channel is up and
+   * PROTOCOL_F_CONFIG was negotiated (vhost-user: "Back-end message types"); otherwise the
+   * change is only logged.
+   */
   notifyConfigChange(): void {
     const ch = this.#backendChannel;
     if (!ch) return;
+    if (!hasFeature(this.#protocolFeatures, ProtocolFeature.CONFIG)) {
+      this.log.debug(`${this.name}: config changed; PROTOCOL_F_CONFIG not negotiated, not sent`);
+      return;
+    }
     try {
       ch.send(BackendRequest.CONFIG_CHANGE_MSG, null);
     } catch (err) {
@@ -350,6 +376,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
     this.stats.requests++;
     try {
+      this.#checkGate(msg);
       await this.#handle(msg);
     } catch (err) {
       this.stats.failedRequests++;
@@ -371,45 +398,18 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
   }
 
-  /** Answer a failed request where an answer is due. */
+  /**
+   * Answer a failed request where an answer is due, from the request table: a request with a
+   * reply body gets the table's failure body (vhost-user: "Communication"), any other gets a
+   * failed REPLY_ACK when it asked for one.
+   */
   #fail(msg: FrontendMessage): void {
-    switch (msg.request) {
-      case FrontendRequest.GET_FEATURES:
-      case FrontendRequest.GET_PROTOCOL_FEATURES:
-      case FrontendRequest.GET_QUEUE_NUM:
-      case FrontendRequest.GET_MAX_MEM_SLOTS:
-      case FrontendRequest.GET_STATUS:
-        this.channel.reply(msg.request, 0n);
-        return;
-      case FrontendRequest.GET_VRING_BASE:
-        this.channel.reply(msg.request, { index: msg.payload.index, num: 0 });
-        return;
-      case FrontendRequest.GET_CONFIG:
-        this.channel.reply(msg.request, {
-          offset: 0,
-          size: 0,
-          flags: 0,
-          payload: new Uint8Array(0),
-        });
-        return;
-      case FrontendRequest.SET_LOG_BASE:
-        if (hasFeature(this.#protocolFeatures, ProtocolFeature.LOG_SHMFD)) {
-          this.channel.reply(msg.request, { value: 1n, log: null });
-        } else if (msg.needReply && this.#replyAck()) {
-          this.channel.ack(msg.request, false);
-        }
-        return;
-      case FrontendRequest.SET_DEVICE_STATE_FD:
-        this.channel.reply(msg.request, { result: 1, noFd: true });
-        return;
-      case FrontendRequest.CHECK_DEVICE_STATE:
-      case FrontendRequest.IOTLB_MSG:
-      case FrontendRequest.POSTCOPY_END:
-        this.channel.reply(msg.request, 1n);
-        return;
-      default:
-        if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, false);
+    const spec: AnyRequestSpec | undefined = requestSpec("frontend", msg.request);
+    if (spec && hasExplicitReply(spec, this.#protocolFeatures)) {
+      this.channel.reply(msg.request, failureReply(spec, msg.payload) as never);
+      return;
     }
+    if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, false);
   }
 
   #replyAck(): boolean {
@@ -432,6 +432,30 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       );
     }
     return vring;
+  }
+
+  /**
+   * Enforce the request table's gate (vhost-user: "Protocol features" and each message's
+   * "requires ... negotiated"). GET/SET_PROTOCOL_FEATURES need F_PROTOCOL_FEATURES offered
+   * only (QEMU sends them before SET_FEATURES); SET_VRING_ENABLE is accepted before
+   * SET_FEATURES as before. The fds of a refused request are closed.
+   * @throws VhostUserError ERR_VHOST_NOT_NEGOTIATED naming the feature
+   */
+  #checkGate(msg: FrontendMessage): void {
+    const spec: AnyRequestSpec | undefined = requestSpec("frontend", msg.request);
+    if (!spec) return;
+    try {
+      const offered = this.offeredFeatures();
+      const early = !this.#featuresSet && msg.request === FrontendRequest.SET_VRING_ENABLE;
+      checkGate(spec, {
+        features: early ? offered : this.#features,
+        protocolFeatures: this.#protocolFeatures,
+        offeredFeatures: offered,
+      });
+    } catch (err) {
+      for (const fd of msg.fds) native.close(fd);
+      throw err;
+    }
   }
 
   #requireProtocol(msg: FrontendMessage, feature: ProtocolFeature): void {
@@ -772,6 +796,23 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.log.info(`${this.name}: features 0x${features.toString(16)}`);
   }
 
+  /**
+   * While logging, refuse memory that reaches past the dirty log (vhost-user: "Migration": the
+   * front-end grows the log with SET_LOG_BASE before it extends the memory table).
+   * @throws VhostUserError naming the memory end and the log size
+   */
+  #checkLogCovers(msg: FrontendMessage, memory: GuestMemory): void {
+    const log = this.#dirtyLog;
+    if (!log || !hasFeature(this.#features, VirtioFeature.LOG_ALL)) return;
+    if (log.pages * LOG_PAGE_SIZE >= memory.end) return;
+    throw badField(
+      msg.name,
+      "memory end",
+      `0x${memory.end.toString(16)}`,
+      `beyond the dirty log (${log.pages} pages, ${log.pages * LOG_PAGE_SIZE} bytes) while logging; send SET_LOG_BASE with a larger log first`,
+    );
+  }
+
   /** Attach the log to guest memory while LOG_ALL is negotiated, detach it otherwise. */
   #applyLog(): void {
     const logging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
@@ -797,6 +838,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     } finally {
       native.close(fd);
     }
+    const end = this.#memory?.end ?? 0;
+    if (log.pages * LOG_PAGE_SIZE < end) {
+      // Accepted (test/migration-dirty-log relies on it: a mark beyond the log then breaks
+      // the ring that makes it, and nothing is written outside the log), but reported now,
+      // naming both sizes, rather than only at the first ring that breaks.
+      this.log.warn(
+        `${this.name}: ${msg.name}: log covers ${log.pages} pages (${log.pages * LOG_PAGE_SIZE} bytes) ` +
+          `but guest memory ends at 0x${end.toString(16)}: rings writing beyond it will break`,
+      );
+    }
     // Swap atomically: from the next write on, marks go to the new log; the old one is
     // flushed (pending marks land in it) and unmapped.
     const old = this.#dirtyLog;
@@ -807,7 +858,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.channel.reply(msg.request, { value: 0n, log: null });
   }
 
-  #regionInfo(msg: FrontendMessage, r: MemoryRegion) {
+  #regionInfo(msg: FrontendMessage, r: MemoryRegion): RegionInfo {
     return {
       gpa: toGpa(toNumber(r.guestPhysAddr, msg.name, "guest_phys_addr")),
       size: toNumber(r.memorySize, msg.name, "memory_size"),
@@ -831,13 +882,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       }
       const infos = regions.map((r) => this.#regionInfo(msg, r));
       // Validate the layout before mapping anything (overlap, zero size, wrap-around).
-      infos.forEach((info, i) => {
-        if (info.size === 0)
-          throw badField(msg.name, `regions[${i}].memory_size`, 0, "empty region");
-      });
-      for (let i = 0; i < infos.length; i++) mapped.push(mapRegion(fds[i]!, infos[i]!));
+      validateLayout(msg.name, infos);
+      const groups: Region[][] = [];
+      for (let i = 0; i < infos.length; i++) {
+        const group = this.#mapFrontendRegion(fds[i]!, infos[i]!);
+        groups.push(group);
+        mapped.push(...group);
+      }
       const memory = new GuestMemory(mapped);
-      this.#keepRegionFds(mapped, fds);
+      this.#checkLogCovers(msg, memory);
+      this.#keepRegionFds(groups, fds);
       fdsTaken = true;
       installed = this.#installMemory(mapped, memory);
     } catch (err) {
@@ -849,20 +903,42 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   }
 
   /**
+   * Map one memory-table region (as sub-regions of at most 2 GiB when larger: an ArrayBuffer
+   * on Node.js 20 holds at most 4 GiB) and remember which table entry each piece belongs to.
+   * @returns the mapped pieces in address order
+   */
+  #mapFrontendRegion(fd: number, info: RegionInfo): Region[] {
+    const pieces = mapRegionSplit(fd, info);
+    for (const r of pieces) this.#origin.set(r, info);
+    return pieces;
+  }
+
+  /** @returns the memory-table regions as the front-end described them, in table order */
+  #frontendRegions(): RegionInfo[] {
+    return [...new Set(this.#regions.map((r) => this.#origin.get(r) ?? r))];
+  }
+
+  /**
    * Keep each region's fd open with it when the device has worker queues (a worker maps the
    * region from a dup; the fd is closed when the region is unmapped); close them otherwise.
+   * @param groups the pieces of each memory-table region, in the order of `fds`
+   * @param fds one fd per memory-table region (taken over here)
    */
-  #keepRegionFds(regions: Region[], fds: number[]): void {
+  #keepRegionFds(groups: Region[][], fds: number[]): void {
     if (!this.device.hasWorkerQueues) {
       for (const fd of fds) native.close(fd);
       return;
     }
-    regions.forEach((r, i) => this.#regionFds.set(r, fds[i]!));
-    for (const fd of fds.slice(regions.length)) native.close(fd);
+    groups.forEach((pieces, i) => {
+      const fd = fds[i]!;
+      // Each piece keeps its own fd (the first the original, the others dups).
+      pieces.forEach((r, k) => this.#regionFds.set(r, k === 0 ? fd : native.dup(fd)));
+    });
+    for (const fd of fds.slice(groups.length)) native.close(fd);
   }
 
   async #addMemReg(msg: FrontendMessage, region: MemoryRegion, fds: number[]): Promise<void> {
-    let mapped: Region | null = null;
+    let mapped: Region[] = [];
     let installed: Promise<void>;
     let fdsTaken = false;
     try {
@@ -876,7 +952,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         });
       }
       const info = this.#regionInfo(msg, region);
-      const same = this.#regions.find(
+      const table = this.#frontendRegions();
+      const same = table.find(
         (r) =>
           r.gpa === info.gpa &&
           r.size === info.size &&
@@ -894,17 +971,19 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         );
         return;
       }
-      if (this.#regions.length >= BACKEND_MAX_MEM_SLOTS) {
-        throw badField(msg.name, "regions", this.#regions.length, "no free memory slot");
+      if (table.length >= BACKEND_MAX_MEM_SLOTS) {
+        throw badField(msg.name, "regions", table.length, "no free memory slot");
       }
-      mapped = mapRegion(fd, info);
-      const regions = [...this.#regions, mapped];
+      validateLayout(msg.name, [...table, info]);
+      mapped = this.#mapFrontendRegion(fd, info);
+      const regions = [...this.#regions, ...mapped];
       const memory = new GuestMemory(regions);
+      this.#checkLogCovers(msg, memory);
       this.#keepRegionFds([mapped], fds);
       fdsTaken = true;
       installed = this.#installMemory(regions, memory);
     } catch (err) {
-      if (mapped) this.#unmap(mapped);
+      for (const r of mapped) this.#unmap(r);
       if (!fdsTaken) for (const fd of fds) native.close(fd);
       throw err instanceof VhostUserError ? err : wrapMemoryError(msg.name, err);
     }
@@ -914,11 +993,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   async #remMemReg(msg: FrontendMessage, region: MemoryRegion): Promise<void> {
     this.#requireProtocol(msg, ProtocolFeature.CONFIGURE_MEM_SLOTS);
     const info = this.#regionInfo(msg, region);
-    const victim = this.#regions.find(
+    const victim = this.#frontendRegions().find(
       (r) => r.gpa === info.gpa && r.uaddr === info.uaddr && r.size === info.size,
     );
     if (!victim) throw badField(msg.name, "guest_phys_addr", info.gpa, "no such region");
-    const rest = this.#regions.filter((r) => r !== victim);
+    const rest = this.#regions.filter((r) => (this.#origin.get(r) ?? r) !== victim);
     if (rest.length === 0) {
       await this.#installMemory([], null);
     } else {
@@ -956,6 +1035,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   /** Unmap a region and close the fd kept with it. */
   #unmap(r: Region): void {
     unmapRegion(r);
+    this.#origin.delete(r);
     const fd = this.#regionFds.get(r);
     if (fd !== undefined) {
       this.#regionFds.delete(r);
@@ -1177,6 +1257,57 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   /** @returns true after SET_OWNER */
   get owned(): boolean {
     return this.#owner;
+  }
+}
+
+/** Where a region sits, as SET_MEM_TABLE / ADD_MEM_REG describe it. */
+interface RegionLayout {
+  gpa: number;
+  size: number;
+  uaddr: number;
+  mmapOffset: number;
+}
+
+/**
+ * Check a memory table before anything is mapped (vhost-user: VHOST_USER_SET_MEM_TABLE,
+ * VHOST_USER_ADD_MEM_REG): no empty region, no range that wraps past 2^53 (the largest address
+ * handled exactly), no two regions overlapping in guest-physical or in front-end address space.
+ * @param request the request name for errors
+ * @param regions the regions, the new one last for ADD_MEM_REG
+ * @throws VhostUserError ERR_VHOST_BAD_FIELD naming the region index, field and value
+ */
+function validateLayout(request: string, regions: readonly RegionLayout[]): void {
+  const max = Number.MAX_SAFE_INTEGER;
+  regions.forEach((r, i) => {
+    if (r.size === 0) throw badField(request, `regions[${i}].memory_size`, 0, "empty region");
+    if (r.gpa > max - r.size) {
+      throw badField(request, `regions[${i}].guest_phys_addr`, r.gpa, "range wraps around");
+    }
+    if (r.uaddr > max - r.size) {
+      throw badField(request, `regions[${i}].userspace_addr`, r.uaddr, "range wraps around");
+    }
+    if (r.mmapOffset > max - r.size) {
+      throw badField(request, `regions[${i}].mmap_offset`, r.mmapOffset, "range wraps around");
+    }
+  });
+  for (const [key, field] of [
+    ["gpa", "guest_phys_addr"],
+    ["uaddr", "userspace_addr"],
+  ] as const) {
+    const order = regions.map((_, i) => i).sort((a, b) => regions[a]![key] - regions[b]![key]);
+    for (let k = 1; k < order.length; k++) {
+      const prev = regions[order[k - 1]!]!;
+      const i = order[k]!;
+      const cur = regions[i]!;
+      if (cur[key] < prev[key] + prev.size) {
+        throw badField(
+          request,
+          `regions[${i}].${field}`,
+          `0x${cur[key].toString(16)}`,
+          `overlaps regions[${order[k - 1]}] [0x${prev[key].toString(16)}, +0x${prev.size.toString(16)})`,
+        );
+      }
+    }
   }
 }
 

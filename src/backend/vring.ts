@@ -3,6 +3,7 @@
  * base, kick/call/err fds), the started and enabled bits, and the device-side ring once the
  * ring starts (vhost-user: "Starting and stopping rings").
  */
+import { VhostUserError } from "../protocol/errors.js";
 import { native, POLL_READABLE } from "../native.js";
 import type { FdWatcher } from "../native.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
@@ -18,9 +19,9 @@ import { QueueWorker } from "./worker-queue.js";
 import type { WorkerRegionInit, WorkerRingAddresses } from "./worker-queue.js";
 
 /**
- * A suggested value for adaptive polling (`pollTurns`): event-loop turns a ring keeps being
- * polled, with driver notifications suppressed, after the last turn that found work. Off by
- * default: against DPDK virtio_user on a 2-core machine it did not raise the packet rate
+ * An example value for adaptive polling (`pollTurns`), not a recommendation: event-loop turns a
+ * ring keeps being polled, with driver notifications suppressed, after the last turn that found
+ * work. Off by default: against DPDK virtio_user on a 2-core machine it lowered the packet rate
  * (64-byte TX: median 2.9 Mpps with 64 turns vs 4.6 Mpps without, 5 alternated runs each).
  */
 export const SPIN_IDLE_TURNS = 64;
@@ -64,8 +65,11 @@ export interface VringHost {
  * The back-end's record of one virtqueue. It implements {@link BackendQueue} for the device.
  */
 export class Vring implements BackendQueue {
+  /** queue index in the device */
   readonly index: number;
+  /** queue size from SET_VRING_NUM (0 until set; vhost-user: VHOST_USER_SET_VRING_NUM) */
   size = 0;
+  /** ring addresses from SET_VRING_ADDR, or null (vhost-user: VHOST_USER_SET_VRING_ADDR) */
   addr: VringAddresses | null = null;
   /** SET_VRING_BASE value (or the value saved by GET_VRING_BASE) */
   base: QueueBase = { availIdx: 0, availWrap: true, usedIdx: 0, usedWrap: true };
@@ -74,8 +78,11 @@ export class Vring implements BackendQueue {
   /** set when the ring was found malformed; cleared when the ring is set up again */
   broken: string | null = null;
 
+  /** kick eventfd from SET_VRING_KICK, or -1 (vhost-user: VHOST_USER_SET_VRING_KICK) */
   kickFd = -1;
+  /** call eventfd from SET_VRING_CALL, or -1 (vhost-user: VHOST_USER_SET_VRING_CALL) */
   callFd = -1;
+  /** error eventfd from SET_VRING_ERR, or -1 (vhost-user: VHOST_USER_SET_VRING_ERR) */
   errFd = -1;
   /** true when SET_VRING_KICK came with the no-fd flag: the ring is polled */
   polling = false;
@@ -96,6 +103,7 @@ export class Vring implements BackendQueue {
   calls = 0;
 
   /**
+   * A stopped, unconfigured ring (vhost-user: "Starting and stopping rings").
    * @param index queue index
    * @param host the session that owns the ring
    */
@@ -114,7 +122,10 @@ export class Vring implements BackendQueue {
     return this.#enabled;
   }
 
-  /** @returns the memory the running ring uses. Throws when the ring is not started. */
+  /**
+   * @returns the memory the running ring uses, or else the host's current memory
+   * @throws Error when neither exists (no memory table yet)
+   */
   get memory(): GuestMemory {
     const mem = this.#memory ?? this.#host.memory();
     if (!mem) throw new Error(`queue ${this.index}: no memory table`);
@@ -469,14 +480,29 @@ export class Vring implements BackendQueue {
    * (GET_VRING_BASE); the main thread then watches the kick fd again, so the next kick
    * restarts the ring.
    * @returns the next available index (and the packed fields)
+   * @throws VhostUserError ERR_VHOST_REQUEST_FAILED when the worker ended without answering
+   *   its position (the ring is then marked broken)
    */
   async halt(): Promise<QueueBase> {
     const worker = this.#worker;
     if (!worker) return this.stop();
     const base = await worker.stop();
-    if (this.#worker !== worker) return { ...this.base };
+    if (base === null) {
+      // The worker ended (broke, failed, timed out) without a position: the start base is
+      // stale, so the request fails and the ring is broken (err eventfd), never a wrong base.
+      if (this.#worker === worker) {
+        this.#worker = null;
+        this.markBroken("worker ended without returning the ring position");
+      }
+      throw new VhostUserError("ERR_VHOST_REQUEST_FAILED", "ring position lost", {
+        request: "GET_VRING_BASE",
+        field: "index",
+        value: this.index,
+      });
+    }
+    if (this.#worker !== worker) return { ...base };
     this.#worker = null;
-    if (base) this.base = base;
+    this.base = base;
     const wasStarted = this.#started;
     this.#started = false;
     if (this.kickFd >= 0 && !this.#kickWatcher) {
@@ -627,7 +653,11 @@ export class Vring implements BackendQueue {
     }
   }
 
-  /** @inheritdoc */
+  /**
+   * Publish the pushed used entries and signal the call fd when the driver asked for it
+   * (VIRTIO 1.2 §2.7.7, §2.8.10; vhost-user: VHOST_USER_SET_VRING_CALL). A failure breaks the
+   * ring.
+   */
   flush(): void {
     const q = this.#queue;
     if (!q) return;

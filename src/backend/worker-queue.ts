@@ -1,6 +1,6 @@
 /**
  * Worker-thread data path: one virtqueue processed in a `worker_thread` that maps the same
- * guest memory (vhost-user: "Starting and stopping rings"; the issue's "Data path").
+ * guest memory (vhost-user: "Starting and stopping rings").
  *
  * The main thread keeps the protocol: it hands the worker dup'ed region fds (with their
  * addresses, sizes and mmap offsets), dup'ed kick and call fds, the ring's guest-physical
@@ -10,8 +10,14 @@
  * - SET_VRING_ENABLE (`enable`), SET_VRING_CALL / SET_VRING_KICK while running (`call`, `kick`),
  * - a memory-table change (`remap`: the worker maps the new regions, rebuilds the ring at its
  *   current position and unmaps the old ones before the request is acknowledged),
- * - GET_VRING_BASE (`stop`: the worker returns its position, then unmaps everything, closes
- *   its fds and exits).
+ * - GET_VRING_BASE (`stop`: the worker returns its position, then unmaps everything and
+ *   exits).
+ *
+ * Fd ownership: every fd sent to a worker (region, kick and call dups, in `workerData` or in a
+ * message) stays owned by the main thread's {@link QueueWorker}, which closes region fds once
+ * the worker answered that it mapped them and every other one once the thread has exited,
+ * whatever the way it ended (stop, broken ring, error, termination after a timeout). The
+ * worker never closes an fd it was sent, so no fd number is closed twice.
  *
  * Dirty logging is refused: a device with worker queues is not offered VHOST_F_LOG_ALL (nor
  * LOG_SHMFD), and a worker ring whose SET_VRING_ADDR asks for used-ring logging is broken.
@@ -21,42 +27,61 @@ import { native } from "../native.js";
 import type { QueueBase } from "../virtq/types.js";
 import type { BackendQueue, Logger } from "./device.js";
 
-/** One memory region as the worker maps it; `fd` is the worker's own dup (it closes it). */
+/** One memory region as the worker maps it; `fd` is a dup owned by the {@link QueueWorker}. */
 export interface WorkerRegionInit {
+  /** the region's fd (a dup) */
   fd: number;
+  /** guest-physical address of the first byte */
   gpa: number;
+  /** size in bytes */
   size: number;
+  /** front-end virtual address of the first byte */
   uaddr: number;
+  /** offset of the first byte in the fd */
   mmapOffset: number;
 }
 
 /** The ring's guest-physical addresses (split: desc/avail/used; packed: desc/driver/device). */
 export interface WorkerRingAddresses {
+  /** descriptor table (both formats) */
   desc: number;
+  /** split: available ring; packed: driver event suppression */
   avail: number;
+  /** split: used ring; packed: device event suppression */
   used: number;
 }
 
 /** Everything a worker needs to run one ring (passed as `workerData`). */
 export interface WorkerInit {
+  /** queue index */
   index: number;
+  /** queue size */
   size: number;
+  /** VIRTIO_F_RING_PACKED negotiated */
   packed: boolean;
+  /** VIRTIO_F_EVENT_IDX negotiated */
   eventIdx: boolean;
+  /** VIRTIO_F_INDIRECT_DESC negotiated */
   indirect: boolean;
+  /** the ring's guest-physical addresses */
   ring: WorkerRingAddresses;
+  /** position to start from (SET_VRING_BASE or the last GET_VRING_BASE) */
   base: QueueBase;
+  /** the guest memory regions to map */
   regions: WorkerRegionInit[];
-  /** the worker's dup of the kick fd, or -1: the worker polls the ring */
+  /** a dup of the kick fd for the worker (owned by the QueueWorker), or -1: the worker polls */
   kickFd: number;
-  /** the worker's dup of the call fd, or -1 */
+  /** a dup of the call fd for the worker (owned by the QueueWorker), or -1 */
   callFd: number;
+  /** SET_VRING_ENABLE state */
   enabled: boolean;
   /** adaptive polling turns (see `BackendSessionOptions.pollTurns`) */
   pollTurns: number;
-  /** the handler module (URL) and its options */
+  /** the handler module (URL) */
   module: string;
+  /** options passed to the handler module */
   options: unknown;
+  /** counters shared with the main thread, or null */
   counters: Float64Array | null;
 }
 
@@ -109,60 +134,109 @@ export interface QueueWorkerEvents {
 const ANSWER_TIMEOUT_MS = 5000;
 
 /**
- * The main thread's handle on one worker ring. Owns the worker and the fds it sent until the
- * worker took them (the worker closes its dups itself when it stops).
+ * The main thread's handle on one worker ring. Owns the worker and every fd sent to it (see
+ * the file comment): a broken, failed, timed-out or stopped worker never leaks one.
  */
 export class QueueWorker {
+  /** queue index of the ring */
   readonly index: number;
   readonly #worker: Worker;
   readonly #log: Logger;
   readonly #events: QueueWorkerEvents;
   #waiters: Array<{ type: FromWorker["type"]; resolve: (m: FromWorker) => void }> = [];
   #done = false;
+  #exited = false;
+  #stoppedCleanly = false;
+  #brokenReported = false;
   #stopping: Promise<QueueBase | null> | null = null;
+  /** every fd sent to the worker and not closed yet */
+  readonly #owned = new Set<number>();
+  /** region fds of the start (first) and of each remap not answered yet, in order */
+  readonly #regionFds: number[][] = [];
   /** resolves with the exit code when the thread has ended */
   readonly exited: Promise<number>;
-  /** kicks the worker consumed and calls it sent, as of its stop */
+  /** kicks the worker consumed, as of its stop */
   kicks = 0;
+  /** calls the worker sent, as of its stop */
   calls = 0;
 
   /**
-   * Start a worker for a ring. The fds in `init` are the worker's (dups made by the caller).
+   * Start a worker for a ring. The fds in `init` are dups made by the caller; this object owns
+   * them from now on (also when the constructor throws).
    * @param init ring, memory and handler description
    * @param log the session's logger
    * @param events broken-ring callback
+   * @throws Error when the thread cannot be created (the fds in `init` are closed)
    */
   constructor(init: WorkerInit, log: Logger, events: QueueWorkerEvents) {
     this.index = init.index;
     this.#log = log;
     this.#events = events;
-    this.#worker = new Worker(new URL("./queue-worker.js", import.meta.url), {
-      workerData: init,
-    });
+    const regionFds = init.regions.map((r) => r.fd);
+    for (const fd of [...regionFds, init.kickFd, init.callFd]) if (fd >= 0) this.#owned.add(fd);
+    this.#regionFds.push(regionFds);
+    try {
+      this.#worker = new Worker(new URL("./queue-worker.js", import.meta.url), {
+        workerData: init,
+      });
+    } catch (err) {
+      this.#closeOwned();
+      throw err;
+    }
     this.exited = new Promise((resolve) => this.#worker.once("exit", resolve));
     this.#worker.on("message", (m: FromWorker) => this.#onMessage(m));
     this.#worker.on("error", (err: Error) => {
       this.#log.error(`queue ${this.index}: worker failed: ${err.message}`);
       this.#finish();
-      this.#events.broken(`worker failed: ${err.message}`, null);
+      this.#reportBroken(`worker failed: ${err.message}`, null);
     });
-    this.#worker.once("exit", () => this.#finish());
+    this.#worker.once("exit", (code: number) => {
+      this.#exited = true;
+      this.#finish();
+      // LIFETIME: the thread is gone; nothing uses the fds it was sent any more.
+      this.#closeOwned();
+      this.#reportBroken(`worker exited (code ${code})`, null);
+    });
+  }
+
+  /** Close every fd still owned (the thread has exited or could not be created). */
+  #closeOwned(): void {
+    for (const fd of this.#owned) native.close(fd);
+    this.#owned.clear();
+    this.#regionFds.length = 0;
+  }
+
+  /** Close the region fds of the oldest start/remap: the worker has mapped (or dropped) them. */
+  #releaseRegionFds(): void {
+    for (const fd of this.#regionFds.shift() ?? []) {
+      if (this.#owned.delete(fd)) native.close(fd);
+    }
+  }
+
+  /** Tell the ring once that the worker ended without a clean stop. */
+  #reportBroken(reason: string, base: QueueBase | null): void {
+    if (this.#brokenReported || this.#stoppedCleanly) return;
+    this.#brokenReported = true;
+    this.#events.broken(reason, base);
   }
 
   #onMessage(m: FromWorker): void {
     if (m.type === "broken") {
       this.#finish();
-      this.#events.broken(m.reason, m.base);
+      this.#reportBroken(m.reason, m.base);
       return;
     }
     if (m.type === "started") {
+      this.#releaseRegionFds();
       this.#log.debug(`queue ${this.index}: worker running`);
       return;
     }
+    if (m.type === "remapped") this.#releaseRegionFds();
     if (m.type === "stopped") {
       this.kicks = m.kicks;
       this.calls = m.calls;
       this.#done = true;
+      this.#stoppedCleanly = true;
     }
     const i = this.#waiters.findIndex((w) => w.type === m.type);
     if (i >= 0) this.#waiters.splice(i, 1)[0]!.resolve(m);
@@ -180,12 +254,22 @@ export class QueueWorker {
     if (!this.#done) this.#worker.postMessage(m);
   }
 
+  /** Send an fd dup to the worker; it is owned here until the thread exits. */
+  #sendFd(type: "call" | "kick", fd: number): void {
+    if (this.#done) return;
+    const dup = fd >= 0 ? native.dup(fd) : -1;
+    if (dup >= 0) this.#owned.add(dup);
+    this.#worker.postMessage({ type, fd: dup });
+  }
+
   #ask(m: ToWorker, answer: FromWorker["type"]): Promise<FromWorker> {
     if (this.#done) {
       return Promise.resolve({ type: "broken", reason: "worker exited", base: null });
     }
     return new Promise((resolve) => {
       const timer = setTimeout(() => {
+        // The exit that follows answers the waiter with "broken", closes the fds and reports
+        // the ring broken.
         this.#log.error(`queue ${this.index}: worker did not answer "${m.type}"; terminated`);
         void this.#worker.terminate();
       }, ANSWER_TIMEOUT_MS);
@@ -205,6 +289,11 @@ export class QueueWorker {
     return this.#done;
   }
 
+  /** @returns how many fds sent to the worker are still open (for tests) */
+  get ownedFds(): number {
+    return this.#owned.size;
+  }
+
   /**
    * SET_VRING_ENABLE while the worker runs.
    * @param enabled the new state
@@ -214,21 +303,21 @@ export class QueueWorker {
   }
 
   /**
-   * Hand the worker a new call fd (it closes the old one). `fd` is dup'ed here.
+   * Hand the worker a new call fd (SET_VRING_CALL while running). `fd` is dup'ed here; the
+   * dup is closed once the thread has exited.
    * @param fd the session's call fd, or -1
    */
   setCall(fd: number): void {
-    if (this.#done) return;
-    this.#send({ type: "call", fd: fd >= 0 ? native.dup(fd) : -1 });
+    this.#sendFd("call", fd);
   }
 
   /**
-   * Hand the worker a new kick fd (it closes the old one); -1 makes it poll. `fd` is dup'ed.
+   * Hand the worker a new kick fd (SET_VRING_KICK while running); -1 makes it poll. `fd` is
+   * dup'ed here; the dup is closed once the thread has exited.
    * @param fd the session's kick fd, or -1
    */
   setKick(fd: number): void {
-    if (this.#done) return;
-    this.#send({ type: "kick", fd: fd >= 0 ? native.dup(fd) : -1 });
+    this.#sendFd("kick", fd);
   }
 
   /** Ask the worker to look at the ring now (in-band kick, memory change). */
@@ -237,24 +326,33 @@ export class QueueWorker {
   }
 
   /**
-   * Move the worker to new guest memory: it maps `regions` (its own dups), rebuilds the ring at
-   * its current position over `ring`, and unmaps the old regions before answering.
-   * @param regions the new memory table, fds dup'ed for the worker
+   * Move the worker to new guest memory: it maps `regions`, rebuilds the ring at its current
+   * position over `ring`, and unmaps the old regions before answering.
+   * @param regions the new memory table, fds dup'ed for the worker (owned here from now on)
    * @param ring the ring addresses translated in the new memory
-   * @returns resolves when the worker uses the new memory (or broke: see the broken callback)
+   * @returns true when the worker uses the new memory; false when it broke, failed or timed
+   *   out (the ring is then reported broken through the broken callback)
    */
-  async remap(regions: WorkerRegionInit[], ring: WorkerRingAddresses): Promise<void> {
+  async remap(regions: WorkerRegionInit[], ring: WorkerRingAddresses): Promise<boolean> {
     if (this.#done) {
       for (const r of regions) native.close(r.fd);
-      return;
+      return false;
     }
-    await this.#ask({ type: "remap", regions, ring }, "remapped");
+    const fds = regions.map((r) => r.fd);
+    for (const fd of fds) this.#owned.add(fd);
+    this.#regionFds.push(fds);
+    const answer = await this.#ask({ type: "remap", regions, ring }, "remapped");
+    if (answer.type !== "remapped") {
+      this.#reportBroken(`remap: ${answer.type === "broken" ? answer.reason : answer.type}`, null);
+      return false;
+    }
+    return true;
   }
 
   /**
    * GET_VRING_BASE: the worker stops processing, answers its position and exits after releasing
-   * its mappings and fds.
-   * @returns the base, or null when the worker had already ended (broken or exited)
+   * its mappings.
+   * @returns the base, or null when the worker had already ended (broken, exited or timed out)
    */
   stop(): Promise<QueueBase | null> {
     if (this.#stopping) return this.#stopping;
@@ -266,10 +364,11 @@ export class QueueWorker {
 
   /**
    * Stop and wait for the thread to end (disconnect). Terminates it if it does not answer.
-   * @returns resolves when the thread has exited
+   * @returns resolves when the thread has exited and its fds are closed
    */
   async close(): Promise<void> {
     await this.stop();
+    if (this.#exited) return;
     const t = setTimeout(() => void this.#worker.terminate(), ANSWER_TIMEOUT_MS);
     await this.exited;
     clearTimeout(t);

@@ -21,17 +21,19 @@
  *         while it runs, then downtime, total time, iterations, pages sent and state sizes.
  *
  * The control protocol is JSON lines: `{"cmd":"migrate","to":...}` answered by `progress`
- * lines and a final `done` (with the figures) or `error`; `{"cmd":"status"}` answered by one
- * `status` line.
+ * lines and a final `done` (with the figures) or `error` (`message`, and for a failed migration
+ * `sourceResumed`: whether the source took its device back); `{"cmd":"status"}` answered by one
+ * `status` line. A malformed line or a field of the wrong type is answered by an `error` line.
  */
 import { createConnection, createServer } from "node:net";
 import type { Server, Socket } from "node:net";
-import { unlinkSync } from "node:fs";
+import { lstatSync, unlinkSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { VhostUserFrontend } from "../frontend/frontend.js";
 import { GuestRam } from "../frontend/guest-ram.js";
 import { migrateSource, receiveMigration } from "../orchestrator/index.js";
 import { SeqTrafficGuest } from "../orchestrator/traffic.js";
+import { MigrationError } from "../orchestrator/source.js";
 import type { MigrationProgress, MigrationResult } from "../orchestrator/source.js";
 import { ExitCode, UsageError, processIo } from "./common.js";
 import type { CliIo } from "./common.js";
@@ -89,12 +91,94 @@ function connectTo(ep: Endpoint): Promise<Socket> {
   });
 }
 
-function removeSocket(path: string): void {
+/**
+ * Remove a stale Unix socket before listening at `path`: nothing there is fine; a socket nobody
+ * accepts on is unlinked; a live socket (another process listens) or anything that is not a
+ * socket is refused.
+ * @throws Error naming the path otherwise
+ */
+async function clearStaleSocket(path: string, option: string): Promise<void> {
+  let st;
   try {
-    unlinkSync(path);
+    st = lstatSync(path);
   } catch {
-    // not there
+    return; // not there
   }
+  if (!st.isSocket()) throw new Error(`${option}: ${path} exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const c = createConnection({ path });
+    c.once("connect", () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.once("error", () => resolve(false));
+  });
+  if (live) throw new Error(`${option}: ${path} is in use (another process listens on it)`);
+  unlinkSync(path);
+}
+
+/** Unlink our own socket after closing its server. */
+function removeOwnSocket(path: string): void {
+  try {
+    if (lstatSync(path).isSocket()) unlinkSync(path);
+  } catch {
+    // already gone
+  }
+}
+
+/** Listen on a path or a TCP endpoint; rejects on EADDRINUSE, EACCES and the like. */
+function listenOn(server: Server, ep: Endpoint): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onError = (err: Error): void => reject(err);
+    server.once("error", onError);
+    const ok = (): void => {
+      server.off("error", onError);
+      resolve();
+    };
+    if ("path" in ep) server.listen(ep.path, ok);
+    else server.listen(ep.port, ep.host, ok);
+  });
+}
+
+/** A control command, checked. */
+type Command =
+  | { cmd: "status" }
+  | { cmd: "migrate"; to: string; maxIterations?: number; stopPages?: number; verify: boolean };
+
+/**
+ * Check a parsed control line.
+ * @returns the command, or a message naming the bad field
+ */
+function checkCommand(v: unknown): Command | string {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    return "malformed command: expected a JSON object";
+  }
+  const o = v as Record<string, unknown>;
+  if (o.cmd === "status") return { cmd: "status" };
+  if (o.cmd !== "migrate") return `unknown command ${JSON.stringify(o.cmd) ?? "undefined"}`;
+  if (typeof o.to !== "string") return "migrate: field to must be a string";
+  const count = (k: "maxIterations" | "stopPages"): number | undefined | string => {
+    const x = o[k];
+    if (x === undefined) return undefined;
+    if (typeof x !== "number" || !Number.isSafeInteger(x) || x < 0) {
+      return `migrate: field ${k} must be a non-negative integer (got ${JSON.stringify(x)})`;
+    }
+    return x;
+  };
+  const maxIterations = count("maxIterations");
+  if (typeof maxIterations === "string") return maxIterations;
+  const stopPages = count("stopPages");
+  if (typeof stopPages === "string") return stopPages;
+  if (o.verify !== undefined && typeof o.verify !== "boolean") {
+    return `migrate: field verify must be a boolean (got ${JSON.stringify(o.verify)})`;
+  }
+  return {
+    cmd: "migrate",
+    to: o.to,
+    ...(maxIterations !== undefined ? { maxIterations } : {}),
+    ...(stopPages !== undefined ? { stopPages } : {}),
+    verify: o.verify === true,
+  };
 }
 
 function waitForSignal(): { promise: Promise<void>; dispose: () => void } {
@@ -132,6 +216,8 @@ interface Held {
   fe: VhostUserFrontend;
   ram: GuestRam;
   guest: SeqTrafficGuest;
+  /** virtio-net device fields sent with the virtio state (the MAC) */
+  deviceFields?: Uint8Array;
 }
 
 /**
@@ -139,7 +225,6 @@ interface Held {
  * @returns the exit status
  */
 async function serveControl(io: CliIo, control: string, held: Held): Promise<number> {
-  removeSocket(control);
   let migrated = false;
   let busy = false;
   let finish: () => void = () => undefined;
@@ -155,7 +240,9 @@ async function serveControl(io: CliIo, control: string, held: Held): Promise<num
       while ((nl = buf.indexOf("\n")) >= 0) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
-        void handle(c, line);
+        handle(c, line).catch((err: unknown) => {
+          send(c, { event: "error", message: err instanceof Error ? err.message : String(err) });
+        });
       }
     });
   });
@@ -163,17 +250,16 @@ async function serveControl(io: CliIo, control: string, held: Held): Promise<num
     if (!c.destroyed) c.write(`${JSON.stringify(v)}\n`);
   };
   const handle = async (c: Socket, line: string): Promise<void> => {
-    let cmd: {
-      cmd?: string;
-      to?: string;
-      maxIterations?: number;
-      stopPages?: number;
-      verify?: boolean;
-    };
+    let parsed: unknown;
     try {
-      cmd = JSON.parse(line) as typeof cmd;
+      parsed = JSON.parse(line);
     } catch {
-      send(c, { event: "error", message: "malformed command" });
+      send(c, { event: "error", message: "malformed command: not JSON" });
+      return;
+    }
+    const cmd = checkCommand(parsed);
+    if (typeof cmd === "string") {
+      send(c, { event: "error", message: cmd });
       return;
     }
     if (cmd.cmd === "status") {
@@ -184,10 +270,6 @@ async function serveControl(io: CliIo, control: string, held: Held): Promise<num
         received: held.guest.received,
         migrated,
       });
-      return;
-    }
-    if (cmd.cmd !== "migrate" || typeof cmd.to !== "string") {
-      send(c, { event: "error", message: `unknown command ${String(cmd.cmd)}` });
       return;
     }
     if (busy || migrated) {
@@ -204,9 +286,10 @@ async function serveControl(io: CliIo, control: string, held: Held): Promise<num
         frontend: held.fe,
         stream,
         guest: held.guest,
+        ...(held.deviceFields !== undefined ? { deviceFields: held.deviceFields } : {}),
         ...(cmd.maxIterations !== undefined ? { maxIterations: cmd.maxIterations } : {}),
         ...(cmd.stopPages !== undefined ? { stopPages: cmd.stopPages } : {}),
-        verifyMemory: cmd.verify === true,
+        verifyMemory: cmd.verify,
         onProgress: (p: MigrationProgress) => send(c, { event: "progress", ...p }),
       });
       migrated = true;
@@ -216,19 +299,34 @@ async function serveControl(io: CliIo, control: string, held: Held): Promise<num
       c.end();
       finish();
     } catch (err) {
-      io.stderr(`migrate: ${(err as Error).message}; running on\n`);
-      send(c, { event: "error", message: (err as Error).message });
+      const message = err instanceof Error ? err.message : String(err);
+      // A failure before migrateSource started (connecting) leaves the source untouched.
+      const sourceResumed = err instanceof MigrationError ? err.sourceResumed : true;
+      io.stderr(
+        `migrate: ${message}; ${
+          sourceResumed ? "running on" : "the source could NOT resume its device"
+        }\n`,
+      );
+      send(c, { event: "error", message, sourceResumed });
     } finally {
       busy = false;
     }
   };
-  await new Promise<void>((resolve) => server.listen(control, resolve));
+  try {
+    await clearStaleSocket(control, "--control");
+    await listenOn(server, { path: control });
+  } catch (err) {
+    held.guest.stop();
+    held.fe.close();
+    held.ram.close();
+    throw err;
+  }
   io.stderr(`migrate: control socket ${control}\n`);
   const sig = waitForSignal();
   await Promise.race([finished, sig.promise]);
   sig.dispose();
   server.close();
-  removeSocket(control);
+  removeOwnSocket(control);
   held.guest.stop();
   held.fe.close();
   held.ram.close();
@@ -246,15 +344,32 @@ async function runServe(io: CliIo, argv: string[]): Promise<number> {
       mac: { type: "string" },
       "dst-mac": { type: "string" },
       burst: { type: "string" },
+      help: { type: "boolean", short: "h" },
     },
     strict: true,
   });
+  if (values.help === true) {
+    io.stdout(USAGE);
+    return ExitCode.OK;
+  }
   if (values.socket === undefined) throw new UsageError("serve: --socket PATH is required");
   if (values.control === undefined) throw new UsageError("serve: --control CTRL is required");
   const mem = parseSize(values.mem ?? "64M", "--mem");
   const qsize = parseInt10(values["queue-size"], "--queue-size", 256);
+  // Every option is parsed before anything is connected or mapped.
+  const srcMac = parseMac(values.mac ?? "02:00:00:00:00:01", "--mac");
+  const dstMac = parseMac(values["dst-mac"] ?? "ff:ff:ff:ff:ff:ff", "--dst-mac");
+  const burst = parseInt10(values.burst, "--burst", 32);
+  await clearStaleSocket(values.control, "--control");
   const fe = await VhostUserFrontend.connect(values.socket, { timeoutMs: 10_000 });
-  const ram = GuestRam.create({ size: mem });
+  let ram: GuestRam;
+  try {
+    ram = GuestRam.create({ size: mem });
+  } catch (err) {
+    fe.close();
+    throw err;
+  }
+  let guest: SeqTrafficGuest;
   try {
     const neg = await fe.negotiate();
     io.stderr(
@@ -262,18 +377,15 @@ async function runServe(io: CliIo, argv: string[]): Promise<number> {
         `protocol features 0x${neg.protocolFeatures.toString(16)}\n`,
     );
     await fe.start(ram, [qsize, qsize]);
+    guest = new SeqTrafficGuest(fe, { srcMac, dstMac, burst });
   } catch (err) {
     fe.close();
     ram.close();
     throw err;
   }
-  const guest = new SeqTrafficGuest(fe, {
-    srcMac: parseMac(values.mac ?? "02:00:00:00:00:01", "--mac"),
-    dstMac: parseMac(values["dst-mac"] ?? "ff:ff:ff:ff:ff:ff", "--dst-mac"),
-    burst: parseInt10(values.burst, "--burst", 32),
-  });
   guest.start();
-  return serveControl(io, values.control, { fe, ram, guest });
+  // The MAC travels in the virtio state: the destination announces it (SEND_RARP).
+  return serveControl(io, values.control, { fe, ram, guest, deviceFields: srcMac });
 }
 
 async function runIncoming(io: CliIo, argv: string[]): Promise<number> {
@@ -283,20 +395,22 @@ async function runIncoming(io: CliIo, argv: string[]): Promise<number> {
       listen: { type: "string" },
       socket: { type: "string" },
       control: { type: "string" },
+      help: { type: "boolean", short: "h" },
     },
     strict: true,
   });
+  if (values.help === true) {
+    io.stdout(USAGE);
+    return ExitCode.OK;
+  }
   if (values.listen === undefined) throw new UsageError("incoming: --listen HOST:PORT is required");
   if (values.socket === undefined) throw new UsageError("incoming: --socket PATH is required");
   const ep = parseEndpoint(values.listen, "--listen");
   const backend = values.socket;
   const server = createServer({ noDelay: true });
-  if ("path" in ep) removeSocket(ep.path);
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    if ("path" in ep) server.listen(ep.path, resolve);
-    else server.listen(ep.port, ep.host, resolve);
-  });
+  if (values.control !== undefined) await clearStaleSocket(values.control, "--control");
+  if ("path" in ep) await clearStaleSocket(ep.path, "--listen");
+  await listenOn(server, ep);
   io.stderr(`migrate: waiting for a migration on ${values.listen}\n`);
   const sig = waitForSignal();
   const conn = await Promise.race([
@@ -305,7 +419,7 @@ async function runIncoming(io: CliIo, argv: string[]): Promise<number> {
   ]);
   sig.dispose();
   server.close();
-  if ("path" in ep) removeSocket(ep.path);
+  if ("path" in ep) removeOwnSocket(ep.path);
   if (conn === null) return ExitCode.OK;
   conn.setNoDelay(true);
   const res = await receiveMigration({
@@ -320,13 +434,28 @@ async function runIncoming(io: CliIo, argv: string[]): Promise<number> {
     `migrate: device running on ${backend} (${res.pagesReceived} pages, back-end state ` +
       `${res.backendStateBytes} bytes, RARP ${res.rarpSent ? "sent" : "not sent"})\n`,
   );
-  const guest =
-    res.guestState !== null
-      ? SeqTrafficGuest.restore(res.frontend, res.guestState)
-      : new SeqTrafficGuest(res.frontend);
+  let guest: SeqTrafficGuest;
+  try {
+    guest =
+      res.guestState !== null
+        ? SeqTrafficGuest.restore(res.frontend, res.guestState)
+        : new SeqTrafficGuest(res.frontend);
+  } catch (err) {
+    res.frontend.close();
+    res.ram.close();
+    throw err;
+  }
   guest.start();
   if (values.control !== undefined) {
-    return serveControl(io, values.control, { fe: res.frontend, ram: res.ram, guest });
+    const vs = res.virtioState;
+    return serveControl(io, values.control, {
+      fe: res.frontend,
+      ram: res.ram,
+      guest,
+      ...(vs.deviceId === 1 && vs.device.length >= 6
+        ? { deviceFields: vs.device.slice(0, 6) }
+        : {}),
+    });
   }
   const s2 = waitForSignal();
   await s2.promise;
@@ -375,11 +504,20 @@ async function runClient(io: CliIo, argv: string[]): Promise<number> {
       while ((nl = buf.indexOf("\n")) >= 0) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
-        const ev = JSON.parse(line) as {
-          event: string;
+        let ev: {
+          event?: unknown;
           message?: string;
+          sourceResumed?: boolean;
           result?: MigrationResult;
         } & Partial<MigrationProgress>;
+        try {
+          const v: unknown = JSON.parse(line);
+          if (typeof v !== "object" || v === null) throw new Error("not an object");
+          ev = v as typeof ev;
+        } catch {
+          io.stderr(`migrate: malformed line from ${values.from}: ${line.slice(0, 80)}\n`);
+          continue;
+        }
         if (ev.event === "progress") {
           io.stdout(
             `[${ev.phase ?? "?"}] iteration ${ev.iteration ?? 0}, dirty ${ev.dirtyPages ?? 0} pages, ` +
@@ -390,7 +528,13 @@ async function runClient(io: CliIo, argv: string[]): Promise<number> {
           status = ExitCode.OK;
           c.end();
         } else if (ev.event === "error") {
-          io.stderr(`migrate: failed: ${ev.message ?? "?"} (the source runs on)\n`);
+          const state =
+            ev.sourceResumed === true
+              ? " (the source runs on)"
+              : ev.sourceResumed === false
+                ? " (the source could NOT resume its device)"
+                : "";
+          io.stderr(`migrate: failed: ${String(ev.message ?? "?")}${state}\n`);
           c.end();
         }
       }

@@ -46,7 +46,8 @@ options:
   --mac MAC         the guest MAC of each port, in --socket order (repeatable, optional)
   --mtu N           offer VIRTIO_NET_F_MTU with this MTU, 68..65535 (QEMU: host_mtu=N)
   --uplink SPEC     tap:NAME, or vxlan:vni=N,local=ADDR,remote=ADDR[,remote=...][,port=P]
-                    [,dstport=P][,dev=IFNAME] (repeatable)
+                    [,dstport=P][,dev=IFNAME][,learn=remotes|any] (repeatable; learn=any
+                    learns VTEPs from any sender, not only the remotes)
   --control PATH    statistics socket for \`vhostkit stats\` (default: <first socket>.ctl)
   --ageing SECONDS  forget a MAC not seen for this long (default 300)
   --print-qemu      print the QEMU command line for every port
@@ -181,6 +182,8 @@ export function qemuCommandLine(o: {
   mtu?: number | null;
 }): string {
   const n = o.id ?? 0;
+  // `reconnect=1` (seconds) is the spelling of QEMU 7.2, the version tested here; newer QEMU
+  // (9.2 on) deprecates it for `reconnect-ms=1000`.
   const chardev = o.client
     ? `socket,id=chr${n},path=${o.socket},server=on,wait=off`
     : `socket,id=chr${n},path=${o.socket},reconnect=1`;

@@ -50,9 +50,13 @@ export interface NetTestDeviceOptions {
 
 /** Counters per queue pair. */
 export interface NetTestCounters {
+  /** frames written into the receive queue */
   rxPackets: number;
+  /** bytes of those frames (without the virtio-net header) */
   rxBytes: number;
+  /** frames taken from the transmit queue */
   txPackets: number;
+  /** bytes of those frames (without the virtio-net header) */
   txBytes: number;
   /** frames dropped because the ring was started but disabled, or no RX buffer was free */
   dropped: number;
@@ -62,15 +66,25 @@ export interface NetTestCounters {
  * The test device. Counters are per queue pair; `frames` holds copies when `keepFrames` is set.
  */
 export class NetTestDevice implements VhostUserDevice {
+  /** virtio device id: network (VIRTIO 1.2 §5) */
   readonly deviceId = 1;
+  /** device feature bits offered (MAC, STATUS; NET_MQ and CTRL_VQ with several pairs) */
   readonly features: bigint;
+  /** protocol features of the device itself (MQ) */
   readonly protocolFeatures = featureMask(ProtocolFeature.MQ);
+  /** number of queues: two per queue pair (RX 2k, TX 2k+1) */
   readonly queueCount: number;
+  /** queue pairs, reported by GET_QUEUE_NUM */
   readonly queueNum: number;
+  /** largest queue size accepted by SET_VRING_NUM */
   readonly maxQueueSize: number;
+  /** what the device does with frames */
   readonly mode: NetTestMode;
+  /** counters per queue pair */
   readonly counters: NetTestCounters[];
+  /** copies of the frames received (only with `keepFrames`) */
   readonly frames: Uint8Array[] = [];
+  /** true when data queues run in worker threads (`workerQueues`) */
   readonly hasWorkerQueues: boolean;
   /** per queue pair, the counters shared with the worker of its data queue */
   readonly #shared: Float64Array[];
@@ -84,7 +98,9 @@ export class NetTestDevice implements VhostUserDevice {
   #scratch = new Uint8Array(65562);
 
   /**
+   * A virtio-net test device (VIRTIO 1.2 §5.1) in sink, source or echo mode.
    * @param options mode, queue pairs, frame length
+   * @throws RangeError when `workerQueues` is combined with echo mode or `keepFrames`
    */
   constructor(options: NetTestDeviceOptions) {
     const pairs = options.queuePairs ?? 1;

@@ -339,26 +339,33 @@ export class VhostUserFrontend extends EventEmitter {
           // already gone
         }
       };
-      watcher = new native.FdWatcher(lfd, (_ev, err) => {
-        if (done) return;
-        if (err) {
+      try {
+        watcher = new native.FdWatcher(lfd, (_ev, err) => {
+          if (done) return;
+          if (err) {
+            finish();
+            reject(err);
+            return;
+          }
+          let fd: number | null;
+          try {
+            fd = native.unixAccept(lfd);
+          } catch (e) {
+            finish();
+            reject(e as Error);
+            return;
+          }
+          if (fd === null) return;
           finish();
-          reject(err);
-          return;
-        }
-        let fd: number | null;
-        try {
-          fd = native.unixAccept(lfd);
-        } catch (e) {
-          finish();
-          reject(e as Error);
-          return;
-        }
-        if (fd === null) return;
+          resolve(new VhostUserFrontend(fd, { ...options, name: options.name ?? path }));
+        });
+        watcher.start(POLL_READABLE);
+      } catch (err) {
+        // No watcher: release the listening fd and the socket file now.
         finish();
-        resolve(new VhostUserFrontend(fd, { ...options, name: options.name ?? path }));
-      });
-      watcher.start(POLL_READABLE);
+        reject(err as Error);
+        return;
+      }
       if (options.timeoutMs !== undefined) {
         const ms = options.timeoutMs;
         timer = setTimeout(() => {
@@ -766,13 +773,17 @@ export class VhostUserFrontend extends EventEmitter {
     ch.on("error", (err: Error) => {
       if (this.listenerCount("error") > 0) this.emit("error", err);
     });
-    this.#backendChannel?.close();
-    this.#backendChannel = ch;
     try {
       await this.#call(FR.SET_BACKEND_REQ_FD, null, [theirs]);
+    } catch (err) {
+      // The back-end did not take it: keep the channel it has, drop the new one.
+      ch.close();
+      throw err;
     } finally {
       native.close(theirs);
     }
+    this.#backendChannel?.close();
+    this.#backendChannel = ch;
   }
 
   #onBackendMessage(ch: Channel<"backend-req">, msg: BackendMessage): void {

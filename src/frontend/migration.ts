@@ -272,18 +272,24 @@ export async function saveBackendState(
   requireDeviceState(fe, "SET_DEVICE_STATE_FD");
   const maxBytes = options.maxBytes ?? DEFAULT_MAX_STATE_BYTES;
   const [r, w] = native.pipe(true);
+  // Every fd still ours: each is closed exactly once, whatever throws (a second close could
+  // hit an unrelated fd that reused the number).
+  const owned = new Set([r, w]);
+  const release = (fd: number): void => {
+    if (owned.delete(fd)) native.close(fd);
+  };
   let readFd = r;
   try {
     const own = await setDeviceStateFd(fe, DeviceStateDirection.SAVE, w);
-    native.close(w);
+    if (own !== null) owned.add(own);
+    release(w);
     if (own !== null) {
-      native.close(r);
+      release(r);
       readFd = own;
       native.setNonBlocking(readFd, true);
     }
   } catch (err) {
-    native.close(r);
-    native.close(w);
+    for (const fd of owned) native.close(fd);
     throw err;
   }
   // The back-end writes after its reply; read to end of file (the fd is closed either way).
@@ -308,18 +314,23 @@ export async function saveBackendState(
 export async function loadBackendState(fe: VhostUserFrontend, data: Uint8Array): Promise<void> {
   requireDeviceState(fe, "SET_DEVICE_STATE_FD");
   const [r, w] = native.pipe(true);
+  // Every fd still ours: each is closed exactly once, whatever throws.
+  const owned = new Set([r, w]);
+  const release = (fd: number): void => {
+    if (owned.delete(fd)) native.close(fd);
+  };
   let writeFd = w;
   try {
     const own = await setDeviceStateFd(fe, DeviceStateDirection.LOAD, r);
-    native.close(r);
+    if (own !== null) owned.add(own);
+    release(r);
     if (own !== null) {
-      native.close(w);
+      release(w);
       writeFd = own;
       native.setNonBlocking(writeFd, true);
     }
   } catch (err) {
-    native.close(r);
-    native.close(w);
+    for (const fd of owned) native.close(fd);
     throw err;
   }
   try {

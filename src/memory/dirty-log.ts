@@ -152,6 +152,7 @@ export class DirtyLog {
         value: this.size,
       });
     }
+    // ORDERING: atomic load; the front-end clears bits concurrently.
     return (Atomics.load(this.#u8, Math.floor(page / 8)) & (1 << (page % 8))) !== 0;
   }
 
@@ -190,6 +191,7 @@ export class DirtyLog {
     const byte0 = word * 4;
     for (let b = 0; b < 4; b++) {
       const m = (mask >>> (8 * b)) & 0xff;
+      // ORDERING: atomic OR per byte at the log's tail (as for whole words above).
       if (m !== 0) Atomics.or(this.#u8, byte0 + b, m);
     }
   }

@@ -216,6 +216,7 @@ export class GuestMemory {
    * @param len length in bytes (>= 0)
    * @returns the region
    * @throws GuestMemoryError naming the address and length when no single region holds it
+   * (vhost-user: VHOST_USER_SET_MEM_TABLE, "memory regions")
    */
   regionFor(g: Gpa, len: number): Region {
     if (g >= this.#hitStart && len >= 0 && g + len <= this.#hitEnd) return this.#hit;
@@ -280,7 +281,7 @@ export class GuestMemory {
     }
     throw new GuestMemoryError(
       `front-end address range [${hex(ua)}, +${len}) is not inside one memory region`,
-      { gpa: ua, length: len, field: "uaddr", value: ua },
+      { length: len, field: "uaddr", value: ua },
     );
   }
 
@@ -350,7 +351,8 @@ export class GuestMemory {
    */
   write(g: Gpa, src: Uint8Array): void {
     this.#copy(g, src, true);
-    // Marked after the write, so a log sync between the two can only re-send the page.
+    // ORDERING: marked after the write, so a log sync between the two can only re-send the
+    // page, never miss it (vhost-user: "Migration", dirty page logging).
     if (this.#log !== null && src.length > 0) this.#log.mark(g, src.length);
   }
 }

@@ -70,6 +70,62 @@ export function mapRegion(fd: number, info: RegionInfo): Region {
 }
 
 /**
+ * Largest single mapping made for a memory region: an external ArrayBuffer on Node.js 20 is
+ * capped at `buffer.constants.MAX_LENGTH` (2^32 bytes), so a larger region (a QEMU guest with
+ * `-m 8G` has a ~6 GiB one) is mapped as adjacent sub-regions of at most this size.
+ */
+export const MAX_REGION_MAPPING = 2 ** 31;
+
+/**
+ * Cut a memory-table region into adjacent pieces of at most `max` bytes (same fd, advancing
+ * guest-physical address, front-end address and mmap offset together).
+ * @param info the region as the front-end described it
+ * @param max largest piece (default {@link MAX_REGION_MAPPING}); a multiple of the page size
+ * @returns the pieces in address order (one piece when the region is small enough)
+ * @throws RangeError when `max` is not a positive integer
+ */
+export function splitRegionInfo(info: RegionInfo, max = MAX_REGION_MAPPING): RegionInfo[] {
+  if (!Number.isSafeInteger(max) || max <= 0) {
+    throw new RangeError(`splitRegionInfo: max must be a positive integer, got ${max}`);
+  }
+  const out: RegionInfo[] = [];
+  for (let off = 0; off < info.size; off += max) {
+    out.push({
+      gpa: (info.gpa + off) as RegionInfo["gpa"],
+      size: Math.min(max, info.size - off),
+      uaddr: (info.uaddr + off) as RegionInfo["uaddr"],
+      mmapOffset: (info.mmapOffset + off) as RegionInfo["mmapOffset"],
+    });
+  }
+  return out;
+}
+
+/**
+ * Map one memory-table region, as adjacent sub-regions of at most {@link MAX_REGION_MAPPING}
+ * bytes when it is larger (GuestMemory copies across adjacent regions; a ring must lie within
+ * one sub-region, else its translation fails naming the address). All or nothing.
+ * @param fd the region's fd (not closed)
+ * @param info the region from the memory table
+ * @param max largest sub-region (default {@link MAX_REGION_MAPPING}; tests use less)
+ * @returns the sub-regions in address order
+ * @throws GuestMemoryError or NativeError as {@link mapRegion} (nothing stays mapped)
+ * (vhost-user: VHOST_USER_SET_MEM_TABLE, VHOST_USER_ADD_MEM_REG)
+ */
+export function mapRegionSplit(fd: number, info: RegionInfo, max = MAX_REGION_MAPPING): Region[] {
+  const pieces = splitRegionInfo(info, max);
+  // The whole region must fit the fd: check once, before mapping any piece.
+  planMapping(fd, info.mmapOffset, info.size, `memory region at gpa ${hex(info.gpa)}`);
+  const mapped: Region[] = [];
+  try {
+    for (const piece of pieces) mapped.push(mapRegion(fd, piece));
+  } catch (err) {
+    for (const r of mapped) unmapRegion(r);
+    throw err;
+  }
+  return mapped;
+}
+
+/**
  * Unmap a region made by {@link mapRegion}. Its buffer is detached: every view into it (and
  * every GuestMemory or queue built on it) becomes unusable. Idempotent.
  * @param region the region

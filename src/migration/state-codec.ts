@@ -8,6 +8,7 @@
  */
 import zlib from "node:zlib";
 import { formatValue } from "../protocol/errors.js";
+import { parseMac } from "../net/frame.js";
 
 /** The one stable code of {@link MigrationStreamError}. */
 export const ERR_VHOST_MIGRATION_STREAM = "ERR_VHOST_MIGRATION_STREAM";
@@ -62,10 +63,18 @@ export interface MigrationStreamErrorOptions {
 /**
  * An error in the migration stream or its transport. The message reads
  * `migration stage "<stage>": <what> (<field>=<value>)`.
+ *
+ * Shaped like `VhostUserError` (`code`, `field`, `value`, `fatal`) without deriving from
+ * it: its code is not in the closed `VhostErrorCode` union of src/protocol/errors.ts.
  */
 export class MigrationStreamError extends Error {
   /** always `"ERR_VHOST_MIGRATION_STREAM"` */
   readonly code: typeof ERR_VHOST_MIGRATION_STREAM = ERR_VHOST_MIGRATION_STREAM;
+  /**
+   * never fatal to the vhost-user connection: the transfer fails (the front-end's
+   * CHECK_DEVICE_STATE reports it) and the channel goes on
+   */
+  readonly fatal = false as const;
   /** what went wrong, see {@link MigrationStreamReason} */
   readonly reason: MigrationStreamReason;
   /** the stage being read or written, when there is one */
@@ -165,26 +174,24 @@ export function crc32(data: Uint8Array, previous = 0): number {
 /** Length of a MAC address in the stream. */
 export const MAC_LENGTH = 6;
 
+/** A MAC as its 6 bytes (frame.ts's parser), or BAD_VALUE naming the stage and field. */
 function macBytes(stage: string, field: string, mac: Uint8Array | string): Uint8Array {
-  if (typeof mac !== "string") {
-    if (mac.length !== MAC_LENGTH) {
-      throw new MigrationStreamError("BAD_VALUE", "a MAC address is 6 bytes", {
-        stage,
-        field: `${field}.length`,
-        value: mac.length,
-      });
-    }
-    return mac;
+  if (typeof mac !== "string" && mac.length !== MAC_LENGTH) {
+    throw new MigrationStreamError("BAD_VALUE", "a MAC address is 6 bytes", {
+      stage,
+      field: `${field}.length`,
+      value: mac.length,
+    });
   }
-  const parts = mac.split(/[:-]/);
-  if (parts.length !== MAC_LENGTH || !parts.every((p) => /^[0-9a-fA-F]{1,2}$/.test(p))) {
+  try {
+    return typeof mac === "string" ? parseMac(mac) : mac;
+  } catch {
     throw new MigrationStreamError("BAD_VALUE", "malformed MAC address", {
       stage,
       field,
       value: mac,
     });
   }
-  return Uint8Array.from(parts, (p) => parseInt(p, 16));
 }
 
 // --- Writer ---------------------------------------------------------------------------------

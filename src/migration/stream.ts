@@ -1,5 +1,5 @@
 /**
- * The versioned migration state stream (seed 004, after passt's `migrate.h`): a 16-byte header
+ * The versioned migration state stream (the layout of passt's `migrate.h`): a 16-byte header
  * (magic 0xB1BB1D1B0BB1D1B0, version, compat_version; network byte order) followed by the named
  * stages of that version, each with a source side (writes its section) and a target side
  * (parses it).
@@ -27,7 +27,7 @@
 import diagnosticsChannel from "node:diagnostics_channel";
 import { MigrationStreamError, StageReader, StageWriter, crc32 } from "./state-codec.js";
 
-/** Magic number of the header (seed 004: `0xB1BB1D1B0BB1D1B0`, network order). */
+/** Magic number of the header (passt `migrate.h`: `0xB1BB1D1B0BB1D1B0`, network order). */
 export const MIGRATION_MAGIC = 0xb1bb1d1b0bb1d1b0n;
 /** Size of the header: magic u64, version u32, compat_version u32. */
 export const MIGRATION_HEADER_SIZE = 16;
@@ -149,7 +149,7 @@ export interface SectionInfo {
  * @param data the stream
  * @returns version and compat_version
  * @throws MigrationStreamError TRUNCATED, BAD_MAGIC or BAD_HEADER
- * (seed 004: `struct migrate_header`)
+ * (passt `migrate.h`: `struct migrate_header`)
  */
 export function readHeader(data: Uint8Array): MigrationHeader {
   if (data.length < MIGRATION_HEADER_SIZE) {
@@ -326,7 +326,7 @@ export function inspectStream(
  * format.loadStream(destination, bytes);          // all or nothing
  *
  * @typeParam Ctx what the stages save from and load into
- * (seed 004: `struct migrate_version`, `struct migrate_stage`)
+ * (passt `migrate.h`: `struct migrate_version`, `struct migrate_stage`)
  */
 export class MigrationFormat<Ctx> {
   /** name for errors and diagnostics */
@@ -409,7 +409,7 @@ export class MigrationFormat<Ctx> {
    * @returns the stream
    * @throws MigrationStreamError BAD_DEFINITION for an unknown version, STAGE_FAILED when a
    *   stage's save throws something else, TOO_LARGE / BAD_VALUE from the writers
-   * (seed 004; vhost-user "Migrating back-end state", SAVE)
+   * (passt `migrate.h`; vhost-user "Migrating back-end state", SAVE)
    */
   saveStream(ctx: Ctx, options: SaveOptions = {}): Uint8Array {
     const id = options.version ?? this.newest;
@@ -477,7 +477,7 @@ export class MigrationFormat<Ctx> {
    * @throws MigrationStreamError for any defect: TRUNCATED, BAD_MAGIC, BAD_HEADER,
    *   NO_COMPATIBLE_VERSION, CRC_MISMATCH, UNEXPECTED_STAGE, TOO_LARGE, TRAILING_BYTES,
    *   BAD_VALUE, STAGE_FAILED
-   * (seed 004; vhost-user "Migrating back-end state", LOAD)
+   * (passt `migrate.h`; vhost-user "Migrating back-end state", LOAD)
    */
   prepareLoad(ctx: Ctx, data: Uint8Array): PreparedLoad {
     if (data.length > this.maxBytes) {
@@ -589,7 +589,7 @@ export class MigrationFormat<Ctx> {
    * @param data the stream (untrusted)
    * @returns the versions, the stages loaded and skipped
    * @throws MigrationStreamError as {@link prepareLoad}, or APPLY_FAILED
-   * (seed 004; vhost-user "Migrating back-end state", LOAD)
+   * (passt `migrate.h`; vhost-user "Migrating back-end state", LOAD)
    */
   loadStream(ctx: Ctx, data: Uint8Array): LoadResult {
     const prepared = this.prepareLoad(ctx, data);

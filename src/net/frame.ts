@@ -42,10 +42,17 @@ export const TcpFlag = Object.freeze({
   CWR: 0x80,
 });
 
-/** A frame that cannot be parsed or processed; names the field and the value. */
+/**
+ * A frame that cannot be parsed or processed; names the field and the value.
+ *
+ * Shaped like `VhostUserError` (`code`, `field`, `value`, `fatal`) without deriving from
+ * it: its code is not in the closed `VhostErrorCode` union of src/protocol/errors.ts.
+ */
 export class FrameError extends Error {
   /** stable error code */
   readonly code = "ERR_VHOST_FRAME" as const;
+  /** never fatal: one frame is dropped, the port goes on */
+  readonly fatal = false as const;
   /** the field that was wrong, e.g. `"ipv4.ihl"` */
   readonly field: string;
   /** the offending value */

@@ -10,3 +10,5 @@ export * from "./switch.js";
 export * from "./virtio-net.js";
 export * from "./port-state.js";
 export * from "./uplink.js";
+export * from "./uplink-tap.js";
+export * from "./uplink-vxlan.js";

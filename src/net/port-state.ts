@@ -1,7 +1,7 @@
 /**
  * The migration state of a switch port (a `VirtioNetDevice`, see {@link MigratablePort}): what SET_DEVICE_STATE_FD
  * carries from the source back-end to the destination back-end, as a versioned stream of named
- * stages (seed 004, `src/migration/stream.ts`).
+ * stages (passt's `migrate.h` layout, `src/migration/stream.ts`).
  *
  * Version 1, in order:
  * - `features`: the negotiated virtio features (LOG_ALL left out) and the guest offloads in
@@ -281,7 +281,7 @@ const macsStage: MigrationStage<PortStateContext> = {
       throw bad(r.stage, "macs.count", macs.length, `port ${dev.name} is not in a switch`);
     }
     return () => {
-      for (const m of macs) host?.learnMac(macFromKey(m.mac), dev.name);
+      for (const m of macs) host?.learnMac(macFromKey(m.mac), dev.name, m.ageMs);
     };
   },
 };
@@ -400,7 +400,7 @@ export const PORT_STATE_FORMAT: MigrationFormat<PortStateContext> = portStateFor
  * @param options the switch (default: the device's), the format and version
  * @returns the state stream
  * @throws MigrationStreamError when a value cannot be encoded
- * (vhost-user: "Migrating back-end state", SAVE; seed 004)
+ * (vhost-user: "Migrating back-end state", SAVE; passt `migrate.h` layout)
  */
 export function savePortState(dev: MigratablePort, options: SavePortStateOptions = {}): Uint8Array {
   const format = options.format ?? PORT_STATE_FORMAT;
@@ -421,7 +421,7 @@ export function savePortState(dev: MigratablePort, options: SavePortStateOptions
  * @param options the switch (default: the device's) and the format
  * @returns the versions used and the stages loaded and skipped
  * @throws MigrationStreamError naming the stage, field and value
- * (vhost-user: "Migrating back-end state", LOAD; seed 004)
+ * (vhost-user: "Migrating back-end state", LOAD; passt `migrate.h` layout)
  */
 export function loadPortState(
   dev: MigratablePort,

@@ -172,9 +172,10 @@ export interface PortHost {
    * Move a MAC to a port as if just seen there (what a RARP does), for restoring a port's state.
    * @param mac the MAC (text or 6 bytes)
    * @param portName the port's name
-   * @throws RangeError for a malformed MAC; Error when no port has that name
+   * @param ageMs ms since the MAC was last seen (default 0), e.g. the age saved with the port
+   * @throws RangeError for a malformed MAC or a negative age; Error when no port has that name
    */
-  learnMac(mac: Uint8Array | string, portName: string): void;
+  learnMac(mac: Uint8Array | string, portName: string, ageMs?: number): void;
 }
 
 /**

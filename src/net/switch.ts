@@ -276,14 +276,14 @@ export class Switch implements PortHost {
     }
   }
 
-  #learn(key: number, port: SwitchPort, now: number): void {
+  #learn(key: number, port: SwitchPort, now: number, seen = now): void {
     const slot = this.#macs.get(key);
     if (slot !== undefined) {
       if (slot.port !== port) {
         this.log.debug(`switch: ${formatMac(key)} moved ${slot.port.name} -> ${port.name}`);
         slot.port = port;
       }
-      slot.seen = now;
+      slot.seen = seen;
       return;
     }
     if (this.#macs.size >= this.maxMacs) {
@@ -297,7 +297,7 @@ export class Switch implements PortHost {
         return;
       }
     }
-    this.#macs.set(key, { port, seen: now });
+    this.#macs.set(key, { port, seen });
   }
 
   #flood(from: SwitchPort, frame: Frame): void {
@@ -408,16 +408,44 @@ export class Switch implements PortHost {
   }
 
   /**
-   * Teach the switch a MAC (import of a saved table, static entries).
-   * @param mac the MAC (text or 6 bytes)
+   * Teach the switch a MAC (import of a saved table, static entries). The table size limit
+   * applies to a MAC not yet known, as for a learned one.
+   * @param mac the MAC (text or 6 bytes; unicast, not all zeros)
    * @param port the port (object or name)
-   * @param age ms since it was seen (default 0)
-   * @throws RangeError for a malformed MAC; Error when the port is not in this switch
+   * @param age ms since it was seen (default 0; an age at or past the ageing time learns nothing)
+   * @throws RangeError for a malformed or group MAC or a negative or non-finite age; Error when
+   *   the port is not in this switch
    */
   learn(mac: string | Uint8Array, port: SwitchPort | string, age = 0): void {
-    const p = this.#resolve(port, "learn");
-    const key = macKey(toMacBytes(mac));
-    this.#macs.set(key, { port: p, seen: this.#clock() - age });
+    this.#learnChecked(mac, port, age, "learn");
+  }
+
+  /**
+   * The one checked path for MACs taught from outside the data path: resolve the port, check
+   * the MAC is unicast and the age sane, then learn under the table size limit.
+   * @returns the name of the port the MAC was on before, or null
+   */
+  #learnChecked(
+    mac: string | Uint8Array,
+    port: SwitchPort | string,
+    age: number,
+    what: string,
+  ): string | null {
+    const p = this.#resolve(port, what);
+    const bytes = toMacBytes(mac);
+    const key = macKey(bytes);
+    if (((bytes[0] as number) & 1) !== 0 || key === 0) {
+      throw new RangeError(`Switch.${what}: not a unicast MAC (mac=${formatMac(bytes)})`);
+    }
+    if (!Number.isFinite(age) || age < 0) {
+      throw new RangeError(`Switch.${what}: age must be a finite number >= 0 (age=${age})`);
+    }
+    const slot = this.#macs.get(key);
+    const prev = slot !== undefined ? slot.port.name : null;
+    if (age >= this.ageingMs) return prev; // already aged out: nothing to learn
+    const now = this.#clock();
+    this.#learn(key, p, now, now - age);
+    return prev;
   }
 
   /**
@@ -447,31 +475,24 @@ export class Switch implements PortHost {
    * limit applies to a MAC not yet known).
    * @param mac the MAC (text or 6 bytes)
    * @param portName the port's name
-   * @throws RangeError for a malformed MAC; Error when no port has that name
+   * @param ageMs ms since it was seen (default 0), e.g. the age saved with a port's state
+   * @throws RangeError for a malformed or group MAC or a negative age; Error when no port has
+   *   that name
    */
-  learnMac(mac: Uint8Array | string, portName: string): void {
-    const p = this.#resolve(portName, "learnMac");
-    const bytes = toMacBytes(mac);
-    if ((bytes[0] as number) & 1) {
-      throw new RangeError(`Switch.learnMac: not a unicast MAC (mac=${formatMac(bytes)})`);
-    }
-    this.#learn(macKey(bytes), p, this.#clock());
+  learnMac(mac: Uint8Array | string, portName: string, ageMs = 0): void {
+    this.#learnChecked(mac, portName, ageMs, "learnMac");
   }
 
   /**
-   * Move a MAC to a port (e.g. its VM migrated there), as if just seen on it.
+   * Move a MAC to a port (e.g. its VM migrated there), as if just seen on it (the table size
+   * limit applies to a MAC not yet known).
    * @param mac the MAC
    * @param port the new port
    * @returns the name of the port it was on, or null when it was unknown
-   * @throws RangeError for a malformed MAC; Error when the port is not in this switch
+   * @throws RangeError for a malformed or group MAC; Error when the port is not in this switch
    */
   moveMac(mac: string | Uint8Array, port: SwitchPort | string): string | null {
-    const p = this.#resolve(port, "moveMac");
-    const key = macKey(toMacBytes(mac));
-    const slot = this.#macs.get(key);
-    const prev = slot !== undefined ? slot.port.name : null;
-    this.#macs.set(key, { port: p, seen: this.#clock() });
-    return prev;
+    return this.#learnChecked(mac, port, 0, "moveMac");
   }
 
   /**

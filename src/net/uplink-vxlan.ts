@@ -9,7 +9,12 @@
  * - Flooding (§4.2, head-end replication): broadcast, multicast and unknown unicast go to every
  *   configured remote.
  * - Learning (§4.1): the VTEP address a datagram came from is learned for the inner source
- *   MAC; unicast to a learned MAC goes to that VTEP only.
+ *   MAC; unicast to a learned MAC goes to that VTEP only. Only configured remotes are learned
+ *   by default (`learnRemotes` allows any sender), so a spoofed datagram cannot redirect
+ *   unicast elsewhere; the table is capped (`maxVteps`) and swept on a timer.
+ * - Outer UDP source port (§5): a hash of the inner flow, in 49152..65535, so ECMP routers
+ *   spread flows; the port sends from a small pool of sockets bound to such ports and receives
+ *   on the bound port only.
  * - Decapsulation: a datagram without the I flag, too short, or with another VNI is dropped and
  *   counted ({@link VxlanPortStats}); the others go into the switch.
  *
@@ -21,7 +26,7 @@ import type { RemoteInfo, Socket } from "node:dgram";
 import { isIP } from "node:net";
 import { networkInterfaces } from "node:os";
 import type { Logger } from "../backend/device.js";
-import { ETH_HLEN, formatMac, macKey } from "./frame.js";
+import { ETH_HLEN, flowHash, formatMac, macKey } from "./frame.js";
 import type { Frame, PortCounters, PortHost, PortOffloads, SwitchPort } from "./port.js";
 import { newPortCounters, newPortOffloads } from "./port.js";
 import type { Switch } from "./switch.js";
@@ -34,6 +39,14 @@ export const VXLAN_HLEN = 8;
 export const VXLAN_FLAG_I = 0x08;
 /** Default ageing of learned remote VTEPs (ms), as the switch's MAC ageing. */
 const DEFAULT_VTEP_AGEING_MS = 300_000;
+/** Default cap of the learned VTEP table, as the switch's MAC table. */
+export const DEFAULT_MAX_VTEPS = 16_384;
+/** First outer UDP source port (RFC 7348 §5: the dynamic/private range 49152-65535). */
+export const VXLAN_SRC_PORT_MIN = 49152;
+/** Number of outer UDP source ports (49152..65535). */
+export const VXLAN_SRC_PORT_COUNT = 16384;
+/** Default number of source-port sockets {@link openVxlanUplink} binds. */
+export const DEFAULT_SOURCE_PORTS = 8;
 
 /** Options of {@link openVxlanUplink} (the fields of a `vxlan:` uplink spec). */
 export interface VxlanUplinkOptions {
@@ -51,6 +64,17 @@ export interface VxlanUplinkOptions {
   dev?: string | undefined;
   /** forget a learned VTEP after this many ms (default 300 000) */
   ageingMs?: number;
+  /** most learned inner MACs (default 16 384); beyond it, new MACs are flooded */
+  maxVteps?: number;
+  /** learn VTEPs from any sender, not only the configured remotes (default false) */
+  learnRemotes?: boolean;
+  /** sweep aged VTEPs this often in ms (default min(ageingMs, 30 000); 0: never) */
+  sweepIntervalMs?: number;
+  /**
+   * sockets to bind for outer source ports in 49152..65535 chosen by flow hash (default 8;
+   * 0: send from the bound socket)
+   */
+  sourcePorts?: number;
   /** clock in ms (default Date.now) */
   clock?: () => number;
 }
@@ -73,6 +97,10 @@ export interface VxlanPortStats {
   txFlooded: number;
   /** send errors (reported asynchronously by the socket) */
   txErrors: number;
+  /** datagrams from a sender that is not a configured remote (delivered, not learned) */
+  rxUnknownRemote: number;
+  /** inner MACs not learned because the VTEP table was full */
+  learnOverflows: number;
 }
 
 /** One learned inner MAC -> VTEP entry (a copy). */
@@ -134,10 +162,18 @@ export class VxlanPort implements SwitchPort {
     txUnicast: 0,
     txFlooded: 0,
     txErrors: 0,
+    rxUnknownRemote: 0,
+    learnOverflows: 0,
   };
   readonly #remotes: readonly string[];
+  readonly #remoteSet: ReadonlySet<string>;
+  readonly #learnAny: boolean;
+  readonly #maxVteps: number;
   readonly #remotePort: number;
   readonly #ageingMs: number;
+  readonly #txSockets: Socket[];
+  #sweepTimer: NodeJS.Timeout | null = null;
+  #lastFullSweep = -Infinity;
   readonly #clock: () => number;
   readonly #vteps = new Map<number, VtepSlot>();
   readonly #log: Logger;
@@ -150,18 +186,42 @@ export class VxlanPort implements SwitchPort {
 
   /**
    * @param socket a bound UDP socket; the port owns it from now on
-   * @param options VNI, remotes, remote port, ageing
+   * @param options VNI, remotes, remote port, ageing, table cap, learning policy
    * @param logger the application's logger
+   * @param txSockets sockets bound to source ports in 49152..65535 to send from, chosen by the
+   *   inner flow's hash (RFC 7348 §5); the port owns them. Empty: send from `socket`.
+   * @throws RangeError for a non-positive ageing time or table cap
    */
-  constructor(socket: Socket, options: VxlanUplinkOptions, logger: Logger) {
+  constructor(
+    socket: Socket,
+    options: VxlanUplinkOptions,
+    logger: Logger,
+    txSockets: readonly Socket[] = [],
+  ) {
     this.#socket = socket;
     this.vni = options.vni;
     this.name = `vxlan:${options.vni}`;
     this.#remotes = [...options.remotes];
+    this.#remoteSet = new Set(options.remotes.map(normalizeAddress));
+    this.#learnAny = options.learnRemotes ?? false;
     this.#remotePort = options.remotePort;
     this.#ageingMs = options.ageingMs ?? DEFAULT_VTEP_AGEING_MS;
+    this.#maxVteps = options.maxVteps ?? DEFAULT_MAX_VTEPS;
+    if (!(this.#ageingMs > 0))
+      throw new RangeError(`${this.name}: ageingMs must be positive (ageingMs=${this.#ageingMs})`);
+    if (!(this.#maxVteps > 0))
+      throw new RangeError(`${this.name}: maxVteps must be positive (maxVteps=${this.#maxVteps})`);
     this.#clock = options.clock ?? Date.now;
     this.#log = logger;
+    this.#txSockets = [...txSockets];
+    for (const t of this.#txSockets) {
+      t.on("error", (err) => this.#log.warn(`${this.name}: source-port socket: ${err.message}`));
+    }
+    const sweep = options.sweepIntervalMs ?? Math.min(this.#ageingMs, 30_000);
+    if (sweep > 0) {
+      this.#sweepTimer = setInterval(() => this.expire(), sweep);
+      this.#sweepTimer.unref();
+    }
     socket.on("message", (msg, rinfo) => this.#onMessage(msg, rinfo));
     socket.on("error", (err) => {
       this.#log.error(`${this.name}: socket error: ${err.message}`);
@@ -178,6 +238,27 @@ export class VxlanPort implements SwitchPort {
     if (this.#socket === null) throw new Error(`${this.name}: closed`);
     const a = this.#socket.address();
     return { address: a.address, port: a.port };
+  }
+
+  /**
+   * Remove aged VTEP entries.
+   * @returns the number removed
+   */
+  expire(): number {
+    const now = this.#clock();
+    let n = 0;
+    for (const [key, s] of this.#vteps) {
+      if (now - s.seen >= this.#ageingMs) {
+        this.#vteps.delete(key);
+        n++;
+      }
+    }
+    return n;
+  }
+
+  /** @returns the number of entries in the VTEP table, aged ones not yet swept included */
+  get vtepCount(): number {
+    return this.#vteps.size;
   }
 
   /** @returns the learned inner MAC -> remote VTEP table (aged entries left out) */
@@ -198,7 +279,7 @@ export class VxlanPort implements SwitchPort {
    * @returns true when handed to the socket
    */
   deliver(frame: Frame): boolean {
-    const sock = this.#socket;
+    let sock = this.#socket;
     if (sock === null) {
       this.counters.drops["port-down"]++;
       return false;
@@ -208,6 +289,9 @@ export class VxlanPort implements SwitchPort {
     const dgram = Buffer.allocUnsafe(VXLAN_HLEN + d.length);
     writeVxlanHeader(dgram, this.vni);
     dgram.set(d, VXLAN_HLEN);
+    // RFC 7348 §5: the source port is a hash of the inner flow (the socket bound to it).
+    const tx = this.#txSockets;
+    if (tx.length > 0) sock = tx[(flowHash(d) >>> 0) % tx.length] as Socket;
     if (((d[0] as number) & 1) === 0) {
       const slot = this.#vteps.get(macKey(d, 0));
       if (slot !== undefined) {
@@ -247,8 +331,13 @@ export class VxlanPort implements SwitchPort {
     const s = this.#socket;
     if (s === null) return;
     this.#socket = null;
+    if (this.#sweepTimer !== null) clearInterval(this.#sweepTimer);
+    this.#sweepTimer = null;
+    this.#vteps.clear();
     s.removeAllListeners("message");
     s.close();
+    for (const t of this.#txSockets) t.close();
+    this.#txSockets.length = 0;
   }
 
   #onMessage(msg: Buffer, rinfo: RemoteInfo): void {
@@ -272,22 +361,88 @@ export class VxlanPort implements SwitchPort {
       return;
     }
     const inner = msg.subarray(VXLAN_HLEN);
-    if (((inner[6] as number) & 1) === 0) {
+    const known = this.#remoteSet.has(normalizeAddress(rinfo.address));
+    if (!known) this.stats.rxUnknownRemote++;
+    if ((known || this.#learnAny) && ((inner[6] as number) & 1) === 0) {
       const src = macKey(inner, 6);
-      if (src !== 0) {
-        const slot = this.#vteps.get(src);
-        const now = this.#clock();
-        if (slot === undefined) {
-          this.#vteps.set(src, { address: rinfo.address, port: this.#remotePort, seen: now });
-        } else {
-          slot.address = rinfo.address;
-          slot.seen = now;
-        }
-      }
+      if (src !== 0) this.#learn(src, rinfo.address);
     }
     host.receive(this, { data: inner, meta: {} });
     host.flush();
   }
+
+  #learn(key: number, address: string): void {
+    const now = this.#clock();
+    const slot = this.#vteps.get(key);
+    if (slot !== undefined) {
+      slot.address = address;
+      slot.seen = now;
+      return;
+    }
+    if (this.#vteps.size >= this.#maxVteps) {
+      // Full: sweep aged entries at most once a second, then give up on this MAC (flooded).
+      if (now - this.#lastFullSweep >= 1000) {
+        this.#lastFullSweep = now;
+        this.expire();
+      }
+      if (this.#vteps.size >= this.#maxVteps) {
+        this.stats.learnOverflows++;
+        return;
+      }
+    }
+    this.#vteps.set(key, { address, port: this.#remotePort, seen: now });
+  }
+}
+
+/** Lower-case an address and strip an IPv4-mapped IPv6 prefix, for comparing senders. */
+function normalizeAddress(address: string): string {
+  const a = address.toLowerCase();
+  return a.startsWith("::ffff:") && a.includes(".") ? a.slice(7) : a;
+}
+
+/** Bind a UDP socket; reject with the socket error (the socket is then closed). */
+function bindSocket(family: number, address: string, port: number): Promise<Socket> {
+  const socket = createSocket({
+    type: family === 6 ? "udp6" : "udp4",
+    reuseAddr: false,
+    ipv6Only: family === 6,
+  });
+  return new Promise<Socket>((resolve, reject) => {
+    const onError = (err: NodeJS.ErrnoException): void => {
+      socket.close();
+      reject(err);
+    };
+    socket.once("error", onError);
+    socket.bind({ address, port, exclusive: true }, () => {
+      socket.removeListener("error", onError);
+      resolve(socket);
+    });
+  });
+}
+
+/**
+ * Bind `count` sockets to distinct ports in 49152..65535 (RFC 7348 §5 source ports), skipping
+ * ports in use; gives up (returning fewer) after a bounded number of tries.
+ */
+async function bindSourcePorts(family: number, address: string, count: number): Promise<Socket[]> {
+  const out: Socket[] = [];
+  const start = Math.floor(Math.random() * VXLAN_SRC_PORT_COUNT);
+  const stride = Math.max(1, Math.floor(VXLAN_SRC_PORT_COUNT / Math.max(count, 1)));
+  try {
+    for (let i = 0, tries = 0; out.length < count && tries < count * 8; i++, tries++) {
+      const port =
+        VXLAN_SRC_PORT_MIN + ((start + i * stride + Math.floor(i / count)) % VXLAN_SRC_PORT_COUNT);
+      try {
+        out.push(await bindSocket(family, address, port));
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EADDRINUSE") throw err;
+      }
+    }
+  } catch (err) {
+    for (const s of out) s.close();
+    throw err;
+  }
+  return out;
 }
 
 function checkDev(dev: string, local: string): void {
@@ -326,6 +481,9 @@ export async function openVxlanUplink(
       throw new Error(`vxlan uplink: remote=${r}: not an address of the same family as local`);
   }
   if (options.dev !== undefined) checkDev(options.dev, options.local);
+  const nSrc = options.sourcePorts ?? DEFAULT_SOURCE_PORTS;
+  if (!Number.isInteger(nSrc) || nSrc < 0 || nSrc > 256)
+    throw new RangeError(`vxlan uplink: sourcePorts=${nSrc}: not in 0..256`);
   const socket = createSocket({
     type: family === 6 ? "udp6" : "udp4",
     reuseAddr: false,
@@ -356,7 +514,24 @@ export async function openVxlanUplink(
       resolve();
     });
   });
-  const port = new VxlanPort(socket, options, logger);
+  let tx: Socket[];
+  try {
+    tx = await bindSourcePorts(family, options.local, nSrc);
+  } catch (err) {
+    socket.close();
+    throw new Error(
+      `vxlan uplink: cannot bind source ports on local=${options.local}: ${(err as Error).message}`,
+      { cause: err },
+    );
+  }
+  let port: VxlanPort;
+  try {
+    port = new VxlanPort(socket, options, logger, tx);
+  } catch (err) {
+    socket.close();
+    for (const t of tx) t.close();
+    throw err;
+  }
   try {
     sw.addPort(port);
   } catch (err) {

@@ -42,6 +42,8 @@ export interface VxlanUplinkSpec {
   remotePort: number;
   /** interface `local` must belong to (checked when opening), if given */
   dev?: string | undefined;
+  /** learn VTEPs from any sender, not only the remotes (`learn=any`; absent: remotes only) */
+  learnRemotes?: true;
 }
 
 /** What `--uplink` describes. */
@@ -55,8 +57,17 @@ export interface Uplink {
   close(): void;
 }
 
-/** Error for an `--uplink` text that cannot be parsed; names the field and the value. */
+/**
+ * Error for an `--uplink` text that cannot be parsed; names the field and the value.
+ *
+ * Shaped like `VhostUserError` (`code`, `field`, `value`, `fatal`) without deriving from
+ * it: its code is not in the closed `VhostErrorCode` union of src/protocol/errors.ts.
+ */
 export class UplinkSpecError extends Error {
+  /** stable error code */
+  readonly code = "ERR_VHOST_UPLINK_SPEC" as const;
+  /** never fatal: nothing was opened */
+  readonly fatal = false as const;
   /** the offending field (`kind`, `name`, `vni`, `local`, `remote`, `port`, ...) */
   readonly field: string;
   /** the offending value */
@@ -108,7 +119,7 @@ function parseAddress(field: string, text: string): string {
 /**
  * Parse the text of `--uplink`.
  * @param text `tap:NAME[,vnet_hdr=on|off]` or `vxlan:vni=N,local=ADDR,remote=ADDR[,remote=ADDR...][,port=P]
- *   [,dstport=P][,dev=IFNAME]`
+ *   [,dstport=P][,dev=IFNAME][,learn=remotes|any]` (`learn=any`: learn VTEPs from any sender)
  * @returns the spec
  * @throws UplinkSpecError naming the bad field and its value
  */
@@ -139,6 +150,7 @@ export function parseUplinkSpec(text: string): UplinkSpec {
   let localPort = VXLAN_PORT;
   let remotePort = VXLAN_PORT;
   let dev: string | undefined;
+  let learnAny = false;
   const remotes: string[] = [];
   const seen = new Set<string>();
   for (const item of rest === "" ? [] : rest.split(",")) {
@@ -170,11 +182,16 @@ export function parseUplinkSpec(text: string): UplinkSpec {
       case "dev":
         dev = checkIfName(key, value);
         break;
+      case "learn":
+        if (value !== "remotes" && value !== "any")
+          throw new UplinkSpecError(key, value, "expected remotes or any");
+        learnAny = value === "any";
+        break;
       default:
         throw new UplinkSpecError(
           key,
           value,
-          "unknown vxlan field (expected vni, local, remote, port, dstport, dev)",
+          "unknown vxlan field (expected vni, local, remote, port, dstport, dev, learn)",
         );
     }
   }
@@ -187,7 +204,9 @@ export function parseUplinkSpec(text: string): UplinkSpec {
     if (isIP(r) !== family)
       throw new UplinkSpecError("remote", r, `not the same address family as local=${local}`);
   }
-  return { kind: "vxlan", vni, local, localPort, remotes, remotePort, dev };
+  const spec: VxlanUplinkSpec = { kind: "vxlan", vni, local, localPort, remotes, remotePort, dev };
+  if (learnAny) spec.learnRemotes = true;
+  return spec;
 }
 
 /**
@@ -202,6 +221,7 @@ export function formatUplinkSpec(spec: UplinkSpec): string {
   if (spec.localPort !== VXLAN_PORT) parts.push(`port=${spec.localPort}`);
   if (spec.remotePort !== VXLAN_PORT) parts.push(`dstport=${spec.remotePort}`);
   if (spec.dev !== undefined) parts.push(`dev=${spec.dev}`);
+  if (spec.learnRemotes === true) parts.push("learn=any");
   return `vxlan:${parts.join(",")}`;
 }
 

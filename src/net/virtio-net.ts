@@ -24,8 +24,10 @@ import { serveBackend } from "../backend/server.js";
 import type { BackendServer, ServeOptions } from "../backend/server.js";
 import type { DescChain } from "../virtq/types.js";
 import {
+  CTRL_BUFFER,
   CTRL_MAX_COMMAND,
   MAC_TABLE_ENTRIES,
+  VIRTIO_NET_ERR,
   handleCtrlCommand,
   newRxFilter,
   rxFilterAccepts,
@@ -230,7 +232,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   // Scratch buffers and the reused frame (no allocation per frame on the data path).
   readonly #txBuf = new Uint8Array(MAX_FRAME + 12);
   readonly #rxBuf = new Uint8Array(MAX_FRAME + 12);
-  readonly #ctrlBuf = new Uint8Array(CTRL_MAX_COMMAND);
+  readonly #ctrlBuf = new Uint8Array(CTRL_BUFFER);
   readonly #txCsum: CsumRequest = { start: 0, offset: 0 };
   readonly #txGso: GsoRequest = { type: "tcpv4", size: 0, hdrLen: 0, ecn: false };
   readonly #txFrame: Frame = { data: new Uint8Array(0), meta: {} };
@@ -781,6 +783,12 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       meta.needsCsum = this.#txCsum;
     }
     const gt = gsoType & ~VirtioNetGso.ECN;
+    // VIRTIO 1.2 §5.1.6.2: the driver sets VIRTIO_NET_HDR_GSO_ECN only with HOST_ECN
+    // negotiated, and only on a GSO frame.
+    if ((gsoType & VirtioNetGso.ECN) !== 0 && (!neg.hostEcn || gt === VirtioNetGso.NONE)) {
+      drops.malformed++;
+      return;
+    }
     if (gt !== VirtioNetGso.NONE) {
       const size = (b[4] as number) | ((b[5] as number) << 8);
       const g = this.#txGso;
@@ -959,16 +967,29 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
         queue.pushUsed(chain, 0);
         continue;
       }
-      if (chain.writableLength < 1 || chain.readableLength > buf.length) {
+      if (chain.writableLength < 1) {
+        // No room for the ack (VIRTIO 1.2 §5.1.6.5): nothing can be answered.
         this.log.warn(
           `${this.name}: control command with ${chain.readableLength} readable and ` +
-            `${chain.writableLength} writable bytes ignored`,
+            `no writable byte ignored`,
         );
         queue.pushUsed(chain, 0);
         continue;
       }
-      const n = queue.read(chain, buf);
-      const r = handleCtrlCommand(this, buf.subarray(0, n));
+      if (chain.readableLength > CTRL_MAX_COMMAND) {
+        this.log.warn(
+          `${this.name}: control command refused: ${chain.readableLength} bytes ` +
+            `(more than ${CTRL_MAX_COMMAND})`,
+        );
+        ack[0] = VIRTIO_NET_ERR;
+        queue.pushUsed(chain, queue.write(chain, ack));
+        continue;
+      }
+      // Most commands are a few bytes; a MAC TABLE_SET past the 4 KiB buffer (QEMU takes any
+      // size, and sets the overflow flag past MAC_TABLE_ENTRIES) gets a buffer of its own.
+      const dst = chain.readableLength > buf.length ? new Uint8Array(chain.readableLength) : buf;
+      const n = queue.read(chain, dst);
+      const r = handleCtrlCommand(this, dst.subarray(0, n));
       if (r.ack === 0) this.log.debug(`${this.name}: control: ${r.what}`);
       else this.log.warn(`${this.name}: control command refused: ${r.what}`);
       ack[0] = r.ack;

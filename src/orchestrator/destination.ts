@@ -7,8 +7,8 @@
  * and the back-end offers RARP; finally DONE to the source. On any failure it sends FAIL and
  * releases everything.
  *
- * vhost-user: "Migration", "Migrating back-end state", VHOST_USER_SEND_RARP; seed 001 (load
- * order and sanity checks).
+ * vhost-user: "Migration", "Migrating back-end state", VHOST_USER_SEND_RARP; load order and
+ * sanity checks as QEMU's virtio_load / vmstate_virtio (hw/virtio/virtio.c).
  */
 import { timingSafeEqual } from "node:crypto";
 import type { Duplex } from "node:stream";
@@ -20,7 +20,8 @@ import {
 import type { NegotiateOptions } from "../frontend/frontend.js";
 import { GuestRam } from "../frontend/guest-ram.js";
 import { loadBackendState } from "../frontend/migration.js";
-import type { DriverSnapshot, FrontendQueue } from "../frontend/queue.js";
+import type { DriverSnapshot, FrontendQueue, TokenSnapshot } from "../frontend/queue.js";
+import type { GuestMemory } from "../memory/guest-memory.js";
 import {
   ProtocolFeature,
   VirtioFeature,
@@ -88,19 +89,281 @@ function fail(field: string, value: unknown, what: string): VhostUserError {
   });
 }
 
-function checkSetup(v: unknown): SetupSection {
-  const s = v as SetupSection;
-  if (
-    typeof s !== "object" ||
-    s === null ||
-    !Array.isArray(s.regions) ||
-    s.regions.length === 0 ||
-    !Array.isArray(s.queues) ||
-    typeof s.features !== "string"
-  ) {
-    throw fail("setup", JSON.stringify(v).slice(0, 80), "malformed SETUP section");
+/** Most guest RAM regions a SETUP may describe. */
+export const MAX_INCOMING_REGIONS = 32;
+/** Most guest RAM bytes a SETUP may describe (64 GiB). */
+export const MAX_INCOMING_RAM = 64 * 2 ** 30;
+
+function preview(v: unknown): string {
+  return (JSON.stringify(v) ?? String(v)).slice(0, 80);
+}
+
+function obj(v: unknown, field: string): Record<string, unknown> {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw fail(field, preview(v), "expected an object");
   }
-  return s;
+  return v as Record<string, unknown>;
+}
+
+function arr(v: unknown, field: string, max: number): unknown[] {
+  if (!Array.isArray(v)) throw fail(field, preview(v), "expected an array");
+  if (v.length > max) throw fail(`${field}.length`, v.length, `more than ${max} entries`);
+  return v as unknown[];
+}
+
+function int(v: unknown, field: string, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0 || v > max) {
+    throw fail(field, preview(v), `expected an integer in [0, ${max}]`);
+  }
+  return v;
+}
+
+function bool(v: unknown, field: string): boolean {
+  if (typeof v !== "boolean") throw fail(field, preview(v), "expected a boolean");
+  return v;
+}
+
+function u64(v: unknown, field: string): bigint {
+  if (typeof v !== "string" || !/^\d{1,20}$/.test(v) || BigInt(v) >= 1n << 64n) {
+    throw fail(field, preview(v), "expected a u64 as a decimal string");
+  }
+  return BigInt(v);
+}
+
+/**
+ * Check the SETUP section: types, and the RAM it asks for (at most {@link MAX_INCOMING_REGIONS}
+ * regions, {@link MAX_INCOMING_RAM} bytes, page-aligned and not overlapping).
+ * @param v the parsed JSON
+ * @returns the section
+ * @throws VhostUserError naming the field
+ */
+function checkSetup(v: unknown): SetupSection {
+  const s = obj(v, "SETUP");
+  const regions = arr(s.regions, "SETUP.regions", MAX_INCOMING_REGIONS);
+  if (regions.length === 0) throw fail("SETUP.regions", 0, "no guest RAM regions");
+  let total = 0;
+  const out: SetupSection["regions"] = regions.map((r, i) => {
+    const f = `SETUP.regions[${i}]`;
+    const o = obj(r, f);
+    const gpa = int(o.gpa, `${f}.gpa`);
+    const size = int(o.size, `${f}.size`, MAX_INCOMING_RAM);
+    const uaddr = int(o.uaddr, `${f}.uaddr`);
+    if (size === 0 || size % 4096 !== 0 || gpa % 4096 !== 0) {
+      throw fail(`${f}.size`, `0x${gpa.toString(16)}+${size}`, "region not page-aligned");
+    }
+    total += size;
+    if (total > MAX_INCOMING_RAM) {
+      throw fail("SETUP.regions", total, `guest RAM larger than ${MAX_INCOMING_RAM} bytes`);
+    }
+    return { gpa, size, uaddr };
+  });
+  const sorted = [...out].sort((a, b) => a.gpa - b.gpa);
+  for (let i = 1; i < sorted.length; i++) {
+    const a = sorted[i - 1] as (typeof out)[number];
+    const b = sorted[i] as (typeof out)[number];
+    if (a.gpa + a.size > b.gpa) {
+      throw fail("SETUP.regions", `0x${b.gpa.toString(16)}`, "regions overlap");
+    }
+  }
+  if (s.layout !== "fd-per-region" && s.layout !== "shared-fd") {
+    throw fail("SETUP.layout", preview(s.layout), "expected fd-per-region or shared-fd");
+  }
+  u64(s.features, "SETUP.features");
+  u64(s.protocolFeatures, "SETUP.protocolFeatures");
+  const queues = arr(s.queues, "SETUP.queues", 0x10000).map((q, i) =>
+    int(q, `SETUP.queues[${i}]`, 0xffff),
+  );
+  const deviceId = int(s.deviceId, "SETUP.deviceId", 0xffff);
+  return {
+    regions: out,
+    layout: s.layout,
+    features: s.features as string,
+    protocolFeatures: s.protocolFeatures as string,
+    queues,
+    deviceId,
+  };
+}
+
+/** The DRIVER_STATE section. */
+interface DriverState {
+  queues: DriverSnapshot[];
+  allocator: number[];
+}
+
+function checkToken(v: unknown, f: string, memory: GuestMemory): TokenSnapshot {
+  const t = obj(v, f);
+  if (t.kind === "none") return { kind: "none" };
+  if (t.kind === "value") {
+    const x = t.value;
+    if (x !== null && typeof x !== "string" && typeof x !== "number" && typeof x !== "boolean") {
+      throw fail(`${f}.value`, preview(x), "expected a string, number, boolean or null");
+    }
+    return { kind: "value", value: x };
+  }
+  if (t.kind === "pool") {
+    const gpa = int(t.gpa, `${f}.gpa`);
+    if (memory.tryRegionFor(gpa, 1) === null) {
+      throw fail(`${f}.gpa`, `0x${gpa.toString(16)}`, "pool buffer outside guest memory");
+    }
+    return {
+      kind: "pool",
+      slot: int(t.slot, `${f}.slot`, 0xffffffff),
+      gpa,
+      receive: bool(t.receive, `${f}.receive`),
+    };
+  }
+  throw fail(`${f}.kind`, preview(t.kind), "unknown token kind");
+}
+
+function inMemory(memory: GuestMemory, gpa: number, len: number, f: string): void {
+  if (memory.tryRegionFor(gpa, len) === null) {
+    throw fail(f, `0x${gpa.toString(16)}+${len}`, "outside guest memory");
+  }
+}
+
+/**
+ * Check one queue's driver snapshot: types, ring addresses equal to the virtio state's,
+ * buffers, pool and indirect tables inside guest memory.
+ * @param v the parsed JSON
+ * @param q the queue's virtio state (validated)
+ * @param memory the destination's guest memory
+ * @returns the snapshot
+ * @throws VhostUserError naming the field
+ */
+function checkSnapshot(v: unknown, q: VirtioQueueState, memory: GuestMemory): DriverSnapshot {
+  const f = `DRIVER_STATE.queue[${q.index}]`;
+  const o = obj(v, f);
+  const size = int(o.size, `${f}.size`, 0x8000);
+  const packed = bool(o.packed, `${f}.packed`);
+  const ring = obj(o.ring, `${f}.ring`);
+  const desc = int(ring.desc, `${f}.ring.desc`);
+  const avail = int(ring.avail, `${f}.ring.avail`);
+  const used = int(ring.used, `${f}.ring.used`);
+  if (size !== q.size) throw fail(`${f}.size`, `${size} (virtio ${q.size})`, "states disagree");
+  if (desc !== q.desc) throw fail(`${f}.ring.desc`, desc, "driver and virtio state disagree");
+  if (avail !== q.avail) throw fail(`${f}.ring.avail`, avail, "driver and virtio state disagree");
+  if (used !== q.used) throw fail(`${f}.ring.used`, used, "driver and virtio state disagree");
+  let indirectTable: number | null = null;
+  if (ring.indirectTable !== null) {
+    indirectTable = int(ring.indirectTable, `${f}.ring.indirectTable`);
+    inMemory(memory, indirectTable, size * 16 * 16, `${f}.ring.indirectTable`);
+  }
+  const outstanding = arr(o.outstanding, `${f}.outstanding`, size).map((b, i) => {
+    const bf = `${f}.outstanding[${i}]`;
+    const ob = obj(b, bf);
+    const segments = arr(ob.segments, `${bf}.segments`, size).map((sg, j) => {
+      const sf = `${bf}.segments[${j}]`;
+      const so = obj(sg, sf);
+      const gpa = int(so.gpa, `${sf}.gpa`);
+      const len = int(so.len, `${sf}.len`, 0xffffffff);
+      inMemory(memory, gpa, len, `${sf}.gpa`);
+      return { gpa, len, writable: bool(so.writable, `${sf}.writable`) };
+    });
+    const token = checkToken(ob.token, `${bf}.token`, memory);
+    return ob.id === undefined
+      ? { segments, token }
+      : { id: int(ob.id, `${bf}.id`, 0xffff), segments, token };
+  });
+  const ready = arr(o.ready, `${f}.ready`, size).map((r, i) => {
+    const rf = `${f}.ready[${i}]`;
+    const ro = obj(r, rf);
+    return {
+      id: int(ro.id, `${rf}.id`, 0xffff),
+      len: int(ro.len, `${rf}.len`, 0xffffffff),
+      token: checkToken(ro.token, `${rf}.token`, memory),
+    };
+  });
+  const bufferSize = int(o.bufferSize, `${f}.bufferSize`, 1 << 20);
+  const freeSlots = arr(o.freeSlots, `${f}.freeSlots`, 0x10000).map((x, i) =>
+    int(x, `${f}.freeSlots[${i}]`, 0xffff),
+  );
+  let pool: number | null = null;
+  if (o.pool !== null) {
+    pool = int(o.pool, `${f}.pool`);
+    const top = freeSlots.reduce((m, x) => Math.max(m, x + 1), 1);
+    inMemory(memory, pool, top * bufferSize, `${f}.pool`);
+  } else if (freeSlots.length > 0) {
+    throw fail(`${f}.freeSlots`, freeSlots.length, "free pool slots without a pool");
+  }
+  const snap: DriverSnapshot = {
+    index: q.index,
+    size,
+    packed,
+    eventIdx: bool(o.eventIdx, `${f}.eventIdx`),
+    indirect: bool(o.indirect, `${f}.indirect`),
+    ring: { desc, avail, used, indirectTable },
+    lastUsedIdx: int(o.lastUsedIdx, `${f}.lastUsedIdx`, 0xffff),
+    outstanding,
+    ready,
+    pool,
+    freeSlots,
+    bufferSize,
+  };
+  if (o.packedPosition !== undefined) {
+    const pf = `${f}.packedPosition`;
+    const p = obj(o.packedPosition, pf);
+    const ids = (x: unknown, n: string): number[] =>
+      arr(x, `${pf}.${n}`, size).map((y, i) => int(y, `${pf}.${n}[${i}]`, size - 1));
+    snap.packedPosition = {
+      availIdx: int(p.availIdx, `${pf}.availIdx`, size - 1),
+      availWrap: bool(p.availWrap, `${pf}.availWrap`),
+      usedIdx: int(p.usedIdx, `${pf}.usedIdx`, size - 1),
+      usedWrap: bool(p.usedWrap, `${pf}.usedWrap`),
+      inFlight: arr(p.inFlight, `${pf}.inFlight`, size).map((b, i) => {
+        const bo = obj(b, `${pf}.inFlight[${i}]`);
+        return {
+          id: int(bo.id, `${pf}.inFlight[${i}].id`, size - 1),
+          count: int(bo.count, `${pf}.inFlight[${i}].count`, size),
+        };
+      }),
+      freeIds: ids(p.freeIds, "freeIds"),
+      pendingHeads: arr(p.pendingHeads, `${pf}.pendingHeads`, size).map((h, i) => {
+        const ho = obj(h, `${pf}.pendingHeads[${i}]`);
+        return {
+          pos: int(ho.pos, `${pf}.pendingHeads[${i}].pos`, size - 1),
+          flags: int(ho.flags, `${pf}.pendingHeads[${i}].flags`, 0xffff),
+        };
+      }),
+      pendingDescs: int(p.pendingDescs, `${pf}.pendingDescs`, size),
+    };
+  }
+  return snap;
+}
+
+/**
+ * Check the DRIVER_STATE section against the (validated) virtio state and guest memory.
+ * @param v the parsed JSON
+ * @param vs the virtio state
+ * @param ram the destination's guest RAM
+ * @returns the driver state, one snapshot per queue of the virtio state
+ * @throws VhostUserError naming the field
+ */
+function checkDriverState(v: unknown, vs: VirtioDeviceState, ram: GuestRam): DriverState {
+  const d = obj(v, "DRIVER_STATE");
+  const list = arr(d.queues, "DRIVER_STATE.queues", 0x10000);
+  const byIndex = new Map<number, unknown>();
+  list.forEach((q, i) => {
+    const index = int(obj(q, `DRIVER_STATE.queues[${i}]`).index, `DRIVER_STATE.queues[${i}].index`);
+    if (byIndex.has(index)) throw fail(`DRIVER_STATE.queues[${i}].index`, index, "duplicate");
+    byIndex.set(index, q);
+  });
+  const queues = vs.queues.map((q) => {
+    if (!byIndex.has(q.index)) {
+      throw fail(`queue[${q.index}]`, "missing", "no driver state for this queue");
+    }
+    return checkSnapshot(byIndex.get(q.index), q, ram.memory);
+  });
+  const allocator = arr(d.allocator, "DRIVER_STATE.allocator", MAX_INCOMING_REGIONS).map((x, i) =>
+    int(x, `DRIVER_STATE.allocator[${i}]`),
+  );
+  if (allocator.length !== ram.regions.length) {
+    throw fail(
+      "DRIVER_STATE.allocator",
+      allocator.length,
+      `expected ${ram.regions.length} cursors (one per region)`,
+    );
+  }
+  return { queues, allocator };
 }
 
 /**
@@ -171,7 +434,7 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       name: "vhostkit-incoming",
     });
     fe = await options.connectBackend();
-    const features = BigInt(setup.features);
+    const features = u64(setup.features, "SETUP.features");
     const negotiateOpts: NegotiateOptions = {
       features,
       protocolFeatures:
@@ -202,7 +465,7 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
 
     let vs: VirtioDeviceState | null = null;
     let backendState: Uint8Array | null = null;
-    let driver: { queues: DriverSnapshot[]; allocator: number[] } | null = null;
+    let driverJson: unknown = null;
     let guestState: Uint8Array | null = null;
     let memoryVerified = false;
     const touched = new TouchedPages();
@@ -215,6 +478,9 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       report(SectionType[s.type] ?? String(s.type));
       if (s.type === SectionType.ITERATION_END) {
         // Tell the source this pass is in: it paces its passes (and its stop) on these.
+        if (s.payload.length !== 8) {
+          throw fail("ITERATION_END", s.payload.length, "ITERATION_END must be 8 bytes");
+        }
         const ack = Buffer.alloc(4);
         ack.set(s.payload.subarray(0, 4));
         await writeAll(stream, encodeSection(SectionType.ITERATION_ACK, ack));
@@ -223,7 +489,7 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       if (s.type === SectionType.VIRTIO_STATE) vs = decodeVirtioState(s.payload);
       else if (s.type === SectionType.BACKEND_STATE) backendState = s.payload;
       else if (s.type === SectionType.DRIVER_STATE) {
-        driver = parseJson(s) as { queues: DriverSnapshot[]; allocator: number[] };
+        driverJson = parseJson(s);
       } else if (s.type === SectionType.GUEST_STATE) guestState = s.payload;
       else if (s.type === SectionType.END) {
         if (s.payload.length !== 33) throw fail("END", s.payload.length, "END must be 33 bytes");
@@ -240,24 +506,26 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       }
     }
     if (vs === null) throw fail("VIRTIO_STATE", "missing", "no virtio state in the stream");
-    if (driver === null) throw fail("DRIVER_STATE", "missing", "no driver state in the stream");
+    if (driverJson === null) {
+      throw fail("DRIVER_STATE", "missing", "no driver state in the stream");
+    }
 
     // --- check before applying
     validateVirtioState(vs, {
       offeredFeatures: neg.offeredFeatures & ~logAll,
       memory: ram.memory,
-      ...(neg.queueNum !== null ? { maxQueues: neg.queueNum * 2 + 1 } : {}),
+      // MQ's queue count: virtio-net has queue pairs and a control queue; others the count.
+      ...(neg.queueNum !== null
+        ? { maxQueues: vs.deviceId === 1 ? neg.queueNum * 2 + 1 : neg.queueNum }
+        : {}),
     });
     if (vs.features !== features) {
       throw fail("features", `0x${vs.features.toString(16)}`, "virtio state and SETUP disagree");
     }
+    const driver = checkDriverState(driverJson, vs, ram);
     const snaps = new Map(driver.queues.map((q) => [q.index, q]));
     for (const q of vs.queues) {
-      const snap = snaps.get(q.index);
-      if (!snap) throw fail(`queue[${q.index}]`, "missing", "no driver state for this queue");
-      if (snap.size !== q.size || snap.ring.desc !== q.desc || snap.ring.used !== q.used) {
-        throw fail(`queue[${q.index}].size`, snap.size, "driver state and virtio state disagree");
-      }
+      const snap = snaps.get(q.index) as DriverSnapshot;
       if (!snap.packed && snap.lastUsedIdx !== q.lastAvailIdx) {
         throw fail(`queue[${q.index}].lastAvailIdx`, q.lastAvailIdx, "driver has not caught up");
       }

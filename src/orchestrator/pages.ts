@@ -13,8 +13,6 @@ export const PAGE_SIZE = 4096;
 /** Pages per PAGES section. */
 export const PAGES_PER_SECTION = 256;
 
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
-
 /** Counters of pages sent. */
 export interface PageCounters {
   /** pages sent (zero and data) */
@@ -33,6 +31,8 @@ export interface PageCounters {
  * @param pages page numbers (pages outside every region are skipped)
  * @param counters updated as pages go out
  * @returns when every section was queued
+ * @throws Error when the connection is closed or fails while a section is written
+ *   ({@link writeAll}); MigrationStreamFormatError never (sections stay below the size limit)
  */
 export async function sendPages(
   stream: Duplex,
@@ -42,6 +42,7 @@ export async function sendPages(
   counters: PageCounters,
 ): Promise<void> {
   let buf = Buffer.allocUnsafe(8 + PAGES_PER_SECTION * (5 + PAGE_SIZE));
+  const zero = Buffer.alloc(PAGE_SIZE);
   let off = 8;
   let n = 0;
   const flush = async (): Promise<void> => {
@@ -63,13 +64,18 @@ export async function sendPages(
     const at = r.bytes.byteOffset + (gpa - r.gpa);
     const src = Buffer.from(r.bytes.buffer, at, PAGE_SIZE);
     buf.writeUInt32BE(page, off);
-    if (src.equals(ZERO_PAGE)) {
+    // ORDERING: the back-end (and the guest) may be writing this page while it is copied: no
+    // barrier can order a plain copy against them. Pre-copy relies on the dirty log instead:
+    // the log was fetched and cleared before this copy, so any write that races it sets the
+    // page's bit again and the page goes out again in a later pass (the final pass runs with
+    // the rings stopped). The zero check looks at the copy, so the kind matches what is sent.
+    src.copy(buf, off + 5);
+    if (buf.compare(zero, 0, PAGE_SIZE, off + 5, off + 5 + PAGE_SIZE) === 0) {
       buf.writeUInt8(0, off + 4);
       off += 5;
       counters.zeroPages++;
     } else {
       buf.writeUInt8(1, off + 4);
-      src.copy(buf, off + 5);
       off += 5 + PAGE_SIZE;
     }
     n++;

@@ -6,7 +6,8 @@
  * driver's own state), and switch-over when the destination says it runs. If anything fails
  * before switch-over the source restarts its rings, turns logging off and carries on.
  *
- * vhost-user: "Migration", "Migrating back-end state"; seed 001 (virtio save order).
+ * vhost-user: "Migration", "Migrating back-end state"; virtio save order as QEMU's vmstate_virtio
+ * (hw/virtio/virtio.c).
  */
 import type { Duplex } from "node:stream";
 import { VhostUserFrontend, DeviceStatus } from "../frontend/frontend.js";
@@ -76,7 +77,10 @@ export interface SourceOptions {
   stopPages?: number;
   /** send a SHA-256 of guest RAM for the destination to check (default false) */
   verifyMemory?: boolean;
-  /** wait this long for the destination's HELLO (default 15 000 ms) */
+  /**
+   * wait this long for the destination's HELLO, and for each ITERATION_ACK (the destination
+   * applied a pre-copy pass) (default 15 000 ms)
+   */
   helloTimeoutMs?: number;
   /** wait this long for DONE after the last section (default 20 000 ms) */
   doneTimeoutMs?: number;
@@ -242,7 +246,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     try {
       for (;;) {
         const s = await reader.next();
-        if (s.type === SectionType.HELLO) waiters.hello?.(parseJson(s) as HelloSection);
+        if (s.type === SectionType.HELLO) waiters.hello?.(checkHello(parseJson(s)));
         else if (s.type === SectionType.ITERATION_ACK && s.payload.length === 4) {
           waiters.acked = Buffer.from(s.payload).readUInt32BE(0);
           waiters.ack?.();
@@ -250,8 +254,12 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
           waiters.done?.();
           return;
         } else if (s.type === SectionType.FAIL) {
-          const j = parseJson(s) as { error?: string };
-          fail(new Error(`destination failed: ${j.error ?? "?"}`));
+          const j = parseJson(s);
+          const e =
+            typeof j === "object" && j !== null && "error" in j && typeof j.error === "string"
+              ? j.error
+              : "?";
+          fail(new Error(`destination failed: ${e}`));
           return;
         } else
           fail(new Error(`unexpected section ${SectionType[s.type] ?? s.type} from destination`));
@@ -265,7 +273,13 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     if (abort) reject(abort);
   });
   aborted.catch(() => undefined);
+  // Only stream I/O and waits for the destination race the abort: a front-end request
+  // (dirty logging, GET_VRING_BASE, the back-end state) always runs to its end (each has its
+  // own request timeout), so that the rollback sees what it did; `checkAbort` follows it.
   const guard = <T>(p: Promise<T>): Promise<T> => Promise.race([p, aborted]);
+  const checkAbort = (): void => {
+    if (abort !== null) throw abort;
+  };
   /** Wait until the destination applied every page up to `iteration`. */
   const caughtUp = async (iteration: number): Promise<void> => {
     while (waiters.acked < iteration) {
@@ -329,9 +343,13 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
 
     // --- pre-copy
     phase = "dirty logging";
-    log = await guard(startDirtyLogging(fe));
+    log = await startDirtyLogging(fe);
     ram.trackDirty(true);
+    checkAbort();
     phase = "precopy";
+    // ORDERING: the log (and the front-end's own dirty set) is fetched and cleared before the
+    // pages of a pass are copied; a write that races the copy sets its bit again and the page
+    // is sent again in the next pass. This is the invariant pre-copy relies on.
     log.fetchAndClear(() => undefined);
     ram.takeDirty();
     let iteration = 1;
@@ -340,6 +358,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     await guard(send(iterationEnd(1, counters.pages)));
     await caughtUp(1);
     for (;;) {
+      // ORDERING: fetch-and-clear before the copy below (see the first pass).
       const dirty = new Set<number>(ram.takeDirty());
       log.fetchAndClear((p) => dirty.add(p));
       if (dirty.size <= stopPages || iteration >= maxIter) {
@@ -373,7 +392,8 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       await options.guest.pause();
     }
     paused = true;
-    for (const index of fe.queues.keys()) bases.set(index, await guard(fe.stopQueue(index)));
+    for (const index of fe.queues.keys()) bases.set(index, await fe.stopQueue(index));
+    checkAbort();
     const snapshots: DriverSnapshot[] = [];
     for (const [index, q] of fe.queues) {
       q.collectUsed();
@@ -387,6 +407,8 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       }
       snapshots.push(q.snapshot());
     }
+    // ORDERING: the rings are stopped (GET_VRING_BASE answered): the back-end writes no more,
+    // so this last fetch-and-clear sees every write, and the copy below is final.
     const finalSet = new Set<number>(ram.takeDirty());
     log.fetchAndClear((p) => finalSet.add(p));
     for (const p of ringPages(fe)) finalSet.add(p);
@@ -410,15 +432,16 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     let backendSaveMs = 0;
     if (deviceState) {
       const ts = performance.now();
-      backendState = await guard(saveBackendState(fe));
+      backendState = await saveBackendState(fe);
       backendSaveMs = performance.now() - ts;
+      checkAbort();
       await guard(send(encodeSection(SectionType.BACKEND_STATE, backendState)));
     }
 
     // virtio device state
     phase = "virtio state";
     const status = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS)
-      ? await guard(fe.getStatus())
+      ? await fe.getStatus()
       : DeviceStatus.ACKNOWLEDGE |
         DeviceStatus.DRIVER |
         DeviceStatus.FEATURES_OK |
@@ -426,8 +449,9 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     const configSize = options.configSize ?? 0;
     const config =
       configSize > 0 && hasFeature(fe.protocolFeatures, ProtocolFeature.CONFIG)
-        ? await guard(fe.getConfig(0, configSize))
+        ? await fe.getConfig(0, configSize)
         : new Uint8Array(0);
+    checkAbort();
     const vs: VirtioDeviceState = {
       status,
       features: acked,
@@ -533,6 +557,41 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     }
     throw new MigrationError(phase, err, resumed);
   }
+}
+
+function bad(field: string, value: unknown, what: string): VhostUserError {
+  return new VhostUserError("ERR_VHOST_BAD_FIELD", what, { request: "migrate", field, value });
+}
+
+function isDecimal(v: unknown): v is string {
+  return typeof v === "string" && /^\d{1,20}$/.test(v);
+}
+
+/**
+ * Check the destination's HELLO.
+ * @param v the parsed JSON
+ * @returns the section
+ * @throws VhostUserError naming the field that is missing or of the wrong type
+ */
+function checkHello(v: unknown): HelloSection {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw bad("HELLO", JSON.stringify(v)?.slice(0, 80), "HELLO must be an object");
+  }
+  const h = v as Record<string, unknown>;
+  if (!isDecimal(h.offeredFeatures) || BigInt(h.offeredFeatures) >= 1n << 64n) {
+    throw bad("HELLO.offeredFeatures", h.offeredFeatures, "expected a u64 as a decimal string");
+  }
+  if (!isDecimal(h.protocolFeatures) || BigInt(h.protocolFeatures) >= 1n << 64n) {
+    throw bad("HELLO.protocolFeatures", h.protocolFeatures, "expected a u64 as a decimal string");
+  }
+  if (typeof h.deviceState !== "boolean") {
+    throw bad("HELLO.deviceState", h.deviceState, "expected a boolean");
+  }
+  return {
+    offeredFeatures: h.offeredFeatures,
+    protocolFeatures: h.protocolFeatures,
+    deviceState: h.deviceState,
+  };
 }
 
 function iterationEnd(iteration: number, pages: number): Buffer {

@@ -24,6 +24,8 @@ export const STREAM_COMPAT_VERSION = 1;
 export const STREAM_HEADER_SIZE = 16;
 /** largest section payload accepted (the back-end state blob is the largest) */
 export const MAX_SECTION_SIZE = 512 << 20;
+/** a SectionReader pauses its socket while more than this many bytes wait to be read */
+export const READER_HIGH_WATER = 8 << 20;
 
 /** Section types. */
 export enum SectionType {
@@ -96,7 +98,8 @@ export function encodeHeader(version = STREAM_VERSION, compat = STREAM_COMPAT_VE
  * Check a stream header.
  * @param b 16 bytes
  * @returns the version the stream was written with
- * @throws MigrationStreamFormatError for a wrong magic or a version range this code cannot read
+ * @throws MigrationStreamFormatError for a wrong magic, a version range this code cannot read or
+ *   a non-zero reserved field
  */
 export function decodeHeader(b: Uint8Array): number {
   const v = Buffer.from(b.buffer, b.byteOffset, b.length);
@@ -117,6 +120,14 @@ export function decodeHeader(b: Uint8Array): number {
       `stream versions [${compat}, ${version}] do not meet this reader's [${STREAM_COMPAT_VERSION}, ${STREAM_VERSION}]`,
     );
   }
+  const reserved = v.readBigUInt64BE(8);
+  if (reserved !== 0n) {
+    throw new MigrationStreamFormatError(
+      "reserved",
+      `0x${reserved.toString(16)}`,
+      "header reserved field must be 0",
+    );
+  }
   return version;
 }
 
@@ -125,6 +136,8 @@ export function decodeHeader(b: Uint8Array): number {
  * @param type section type
  * @param payload the payload
  * @returns header, payload and CRC
+ * @throws MigrationStreamFormatError (field `length`) when the payload exceeds
+ *   {@link MAX_SECTION_SIZE}
  */
 export function encodeSection(type: SectionType, payload: Uint8Array): Buffer {
   if (payload.length > MAX_SECTION_SIZE) {
@@ -144,6 +157,7 @@ export function encodeSection(type: SectionType, payload: Uint8Array): Buffer {
  * @param type section type
  * @param value the value
  * @returns the section bytes
+ * @throws MigrationStreamFormatError (field `length`) when the JSON text is too large
  */
 export function encodeJsonSection(type: SectionType, value: unknown): Buffer {
   const text = JSON.stringify(value, (_k, v: unknown) =>
@@ -171,9 +185,12 @@ export function parseJson(s: Section): unknown {
 }
 
 /**
- * Reads the header and the sections from a socket, checking lengths and CRCs.
+ * Reads the header and the sections from a socket, checking lengths and CRCs. Backpressure: the
+ * socket is paused while more than {@link READER_HIGH_WATER} bytes wait, resumed once read.
  */
 export class SectionReader {
+  readonly #stream: Duplex;
+  #paused = false;
   #chunks: Buffer[] = [];
   #have = 0;
   #ended = false;
@@ -186,9 +203,14 @@ export class SectionReader {
    * @param stream the connection (data is taken from now on)
    */
   constructor(stream: Duplex) {
+    this.#stream = stream;
     stream.on("data", (c: Buffer) => {
       this.#chunks.push(c);
       this.#have += c.length;
+      if (!this.#paused && this.#have > READER_HIGH_WATER) {
+        this.#paused = true;
+        stream.pause();
+      }
       this.#poke();
     });
     stream.on("end", () => {
@@ -213,6 +235,11 @@ export class SectionReader {
 
   async #need(n: number, what: string): Promise<Buffer> {
     while (this.#have < n) {
+      // A section larger than the high-water mark needs more than that buffered.
+      if (this.#paused) {
+        this.#paused = false;
+        this.#stream.resume();
+      }
       if (this.#error) throw this.#error;
       if (this.#ended) {
         throw new MigrationStreamFormatError(
@@ -245,6 +272,10 @@ export class SectionReader {
     }
     this.#have -= n;
     this.bytesRead += n;
+    if (this.#paused && this.#have <= READER_HIGH_WATER) {
+      this.#paused = false;
+      this.#stream.resume();
+    }
     return out;
   }
 
@@ -259,11 +290,25 @@ export class SectionReader {
   /**
    * Read the next section.
    * @returns the section (its CRC checked)
-   * @throws MigrationStreamFormatError for a truncated stream, an oversized section or a bad CRC
+   * @throws MigrationStreamFormatError for a truncated stream, an oversized section, non-zero
+   *   flags or reserved bytes, or a bad CRC
    */
   async next(): Promise<Section> {
     const h = await this.#need(8, "section header");
     const type = h.readUInt8(0) as SectionType;
+    const name = SectionType[type] ?? String(type);
+    const flags = h.readUInt8(1);
+    if (flags !== 0) {
+      throw new MigrationStreamFormatError("flags", flags, `section ${name}: flags must be 0`);
+    }
+    const reserved = h.readUInt16BE(2);
+    if (reserved !== 0) {
+      throw new MigrationStreamFormatError(
+        "reserved",
+        reserved,
+        `section ${name}: reserved bytes must be 0`,
+      );
+    }
     const len = h.readUInt32BE(4);
     if (len > MAX_SECTION_SIZE)
       throw new MigrationStreamFormatError("length", len, "section too large");

@@ -11,6 +11,7 @@ import type { GuestRam } from "../frontend/guest-ram.js";
 import type { FrontendQueue } from "../frontend/queue.js";
 import { VIRTIO_NET_HDR_SIZE } from "../frontend/queue.js";
 import type { Gpa } from "../memory/address.js";
+import { VhostUserError } from "../protocol/errors.js";
 import type { MigratableGuest } from "./source.js";
 
 /** EtherType of the generator's frames (IEEE local experimental). */
@@ -75,22 +76,25 @@ export class SeqTrafficGuest implements MigratableGuest {
   readonly #tx: FrontendQueue;
   readonly #rx: FrontendQueue | null;
   readonly #opts: GuestStateJson["options"];
-  readonly #txBase: Gpa;
-  readonly #slots: number;
+  /** transmit buffer area: allocated on first use, or taken from the migrated state */
+  #txBase: Gpa | null = null;
+  #slots: number;
   #timer: NodeJS.Timeout | null = null;
   #paused = false;
 
   /**
+   * Build the generator; its buffers are allocated in guest RAM (and receive buffers posted) on
+   * the first {@link start}, {@link tick} or {@link saveState}.
    * @param fe a started front-end (its RAM shared, queues set up)
    * @param options queues, MACs, frame length, limit, pacing
-   * @param restore internal: state from {@link saveState} (use {@link SeqTrafficGuest.restore})
+   * @throws Error when the front-end has no RAM or lacks the queues
    */
-  constructor(fe: VhostUserFrontend, options: SeqTrafficOptions = {}, restore?: GuestStateJson) {
+  constructor(fe: VhostUserFrontend, options: SeqTrafficOptions = {}) {
     this.#fe = fe;
     const ram = fe.ram;
     if (ram === null) throw new Error("SeqTrafficGuest: the front-end has no guest RAM");
     this.#ram = ram;
-    this.#opts = restore?.options ?? {
+    this.#opts = {
       txQueue: options.txQueue ?? 1,
       rxQueue: options.rxQueue === undefined ? 0 : options.rxQueue,
       dstMac: [...(options.dstMac ?? new Uint8Array([255, 255, 255, 255, 255, 255]))],
@@ -101,20 +105,23 @@ export class SeqTrafficGuest implements MigratableGuest {
       intervalMs: options.intervalMs ?? 1,
       record: options.record ?? false,
     };
+    if (options.srcMac !== undefined) checkMac(this.#opts.srcMac, "srcMac");
+    if (options.dstMac !== undefined) checkMac(this.#opts.dstMac, "dstMac");
     const tx = fe.queue(this.#opts.txQueue);
     if (!tx) throw new Error(`SeqTrafficGuest: no queue ${this.#opts.txQueue}`);
     this.#tx = tx;
     this.#rx = this.#opts.rxQueue === null ? null : (fe.queue(this.#opts.rxQueue) ?? null);
-    const slotBytes = VIRTIO_NET_HDR_SIZE + this.#opts.frameLength;
-    if (restore) {
-      this.#txBase = restore.txBase as Gpa;
-      this.#slots = restore.slots;
-      this.nextSeq = restore.nextSeq;
-    } else {
-      this.#slots = tx.size * 2;
-      this.#txBase = ram.alloc(this.#slots * slotBytes, 64);
+    this.#slots = tx.size * 2;
+  }
+
+  /** Allocate the transmit buffers and post receive buffers, once (not after a restore). */
+  #buffers(): Gpa {
+    if (this.#txBase === null) {
+      const slotBytes = VIRTIO_NET_HDR_SIZE + this.#opts.frameLength;
+      this.#txBase = this.#ram.alloc(this.#slots * slotBytes, 64);
       if (this.#rx) this.#rx.postRxBuffers();
     }
+    return this.#txBase;
   }
 
   /**
@@ -122,10 +129,49 @@ export class SeqTrafficGuest implements MigratableGuest {
    * @param fe the destination front-end (queues restored)
    * @param state bytes from {@link saveState}
    * @returns the generator (not started)
+   * @throws VhostUserError naming the field when the state is malformed or its buffer area is
+   *   outside guest RAM
    */
   static restore(fe: VhostUserFrontend, state: Uint8Array): SeqTrafficGuest {
-    const j = JSON.parse(Buffer.from(state).toString("utf8")) as GuestStateJson;
-    return new SeqTrafficGuest(fe, {}, j);
+    let v: unknown;
+    try {
+      v = JSON.parse(Buffer.from(state).toString("utf8"));
+    } catch (err) {
+      throw badState("GUEST_STATE", state.length, `not JSON: ${(err as Error).message}`);
+    }
+    return SeqTrafficGuest.#fromState(fe, v);
+  }
+
+  static #fromState(fe: VhostUserFrontend, v: unknown): SeqTrafficGuest {
+    const j = object(v, "GUEST_STATE");
+    const o = object(j.options, "options");
+    const rxQueue = o.rxQueue === null ? null : uint(o.rxQueue, "options.rxQueue", 0xffff);
+    const limit = o.limit === null ? null : uint(o.limit, "options.limit");
+    const frameLength = uint(o.frameLength, "options.frameLength", 65535);
+    if (frameLength < 18) throw badState("options.frameLength", frameLength, "below 18");
+    if (typeof o.record !== "boolean") throw badState("options.record", o.record, "not a boolean");
+    const g = new SeqTrafficGuest(fe, {
+      txQueue: uint(o.txQueue, "options.txQueue", 0xffff),
+      rxQueue,
+      dstMac: macOf(o.dstMac, "options.dstMac"),
+      srcMac: macOf(o.srcMac, "options.srcMac"),
+      frameLength,
+      ...(limit !== null ? { limit } : {}),
+      burst: uint(o.burst, "options.burst", 1 << 16),
+      intervalMs: Math.max(1, uint(o.intervalMs, "options.intervalMs", 60_000)),
+      record: o.record,
+    });
+    const slots = uint(j.slots, "slots", 1 << 20);
+    const txBase = uint(j.txBase, "txBase");
+    if (slots === 0) throw badState("slots", slots, "no transmit slots");
+    const bytes = slots * (VIRTIO_NET_HDR_SIZE + frameLength);
+    if (g.#ram.memory.tryRegionFor(txBase, bytes) === null) {
+      throw badState("txBase", `0x${txBase.toString(16)}+${bytes}`, "outside guest RAM");
+    }
+    g.#slots = slots;
+    g.#txBase = txBase as Gpa;
+    g.nextSeq = uint(j.nextSeq, "nextSeq", 0xffffffff);
+    return g;
   }
 
   /** @returns true once the limit was sent and every frame completed */
@@ -137,6 +183,7 @@ export class SeqTrafficGuest implements MigratableGuest {
   /** Start ticking. */
   start(): void {
     if (this.#timer !== null) return;
+    this.#buffers();
     this.#timer = setInterval(() => this.tick(), this.#opts.intervalMs);
   }
 
@@ -179,6 +226,7 @@ export class SeqTrafficGuest implements MigratableGuest {
   tick(): void {
     if (this.#paused || this.#fe.closed) return;
     const tx = this.#tx;
+    const txBase = this.#buffers();
     this.drain();
     const slotBytes = VIRTIO_NET_HDR_SIZE + this.#opts.frameLength;
     const frame = new Uint8Array(slotBytes);
@@ -191,7 +239,7 @@ export class SeqTrafficGuest implements MigratableGuest {
     while (added < this.#opts.burst && this.nextSeq < lim && tx.freeCount > 0) {
       if (tx.outstanding >= this.#slots / 2) break;
       const seq = this.nextSeq;
-      const at = (this.#txBase + (seq % this.#slots) * slotBytes) as Gpa;
+      const at = (txBase + (seq % this.#slots) * slotBytes) as Gpa;
       new DataView(frame.buffer).setUint32(VIRTIO_NET_HDR_SIZE + 14, seq >>> 0);
       this.#ram.write(at, frame);
       if (tx.add([{ gpa: at, len: slotBytes, writable: false }], seq) === null) break;
@@ -218,10 +266,41 @@ export class SeqTrafficGuest implements MigratableGuest {
   saveState(): Uint8Array {
     const j: GuestStateJson = {
       nextSeq: this.nextSeq,
-      txBase: this.#txBase,
+      txBase: this.#buffers(),
       slots: this.#slots,
       options: this.#opts,
     };
     return Buffer.from(JSON.stringify(j), "utf8");
   }
+}
+
+function badState(field: string, value: unknown, what: string): VhostUserError {
+  return new VhostUserError("ERR_VHOST_BAD_FIELD", what, {
+    request: "SeqTrafficGuest.restore",
+    field,
+    value,
+  });
+}
+
+function object(v: unknown, field: string): Record<string, unknown> {
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw badState(field, typeof v, "expected an object");
+  }
+  return v as Record<string, unknown>;
+}
+
+function uint(v: unknown, field: string, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== "number" || !Number.isSafeInteger(v) || v < 0 || v > max) {
+    throw badState(field, v, `expected an integer in [0, ${max}]`);
+  }
+  return v;
+}
+
+function checkMac(m: readonly number[], field: string): void {
+  if (m.length !== 6) throw new RangeError(`SeqTrafficGuest: ${field} must be 6 bytes`);
+}
+
+function macOf(v: unknown, field: string): Uint8Array {
+  if (!Array.isArray(v) || v.length !== 6) throw badState(field, v, "expected 6 bytes");
+  return Uint8Array.from(v, (x: unknown, i) => uint(x, `${field}[${i}]`, 255));
 }

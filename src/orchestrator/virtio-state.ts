@@ -1,6 +1,7 @@
 /**
  * The virtio device state, saved and loaded in layers as QEMU's `virtio_save` / `virtio_load`
- * do (seed 001, docs/virtio-migration.txt): common device fields, transport fields, per-queue
+ * do (QEMU hw/virtio/virtio.c, vmstate_virtio and its subsections; vhost-user "Migration"):
+ * common device fields, transport fields, per-queue
  * fields (with the transport's per-queue fields), device fields, then subsections for optional
  * state. All integers big-endian (network byte order), as QEMU's stream.
  *
@@ -399,6 +400,10 @@ export function validateVirtioState(s: VirtioDeviceState, ctx: ValidateContext):
     }
     if (!packed) {
       const r = ctx.memory.tryRegionFor(q.avail, 4);
+      // ORDERING: plain read of the driver's avail idx from guest memory. The rings are stopped
+      // (GET_VRING_BASE on the source, not yet started here) and the pages were applied by this
+      // thread, so no other writer can race it; it is only a sanity bound, as QEMU's
+      // virtio_load check of "avail idx - last avail idx <= queue size".
       const availIdx = r === null ? 0 : r.view.getUint16(q.avail - r.gpa + 2, true);
       const pending = (availIdx - q.lastAvailIdx) & 0xffff;
       if (pending > q.size) {

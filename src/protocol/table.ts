@@ -105,6 +105,11 @@ export interface RequestSpec<P = unknown, R = unknown> {
   readonly gate: RequestGate;
   /** legal before SET_FEATURES once the back-end offered PROTOCOL_FEATURES */
   readonly allowedBeforeFeatures: boolean;
+  /**
+   * Reply body that reports a failure, where an all-zero body would read as success (e.g. a
+   * u64 result where 0 = success); null: the zero-filled minimum body reports the failure.
+   */
+  readonly replyOnFailure: R | null;
   /** one line of what the request does */
   readonly summary: string;
   /**
@@ -260,6 +265,7 @@ interface EntryInit<P, R> {
   replyFds?: SizeRange;
   gate?: RequestGate;
   allowedBeforeFeatures?: boolean;
+  replyOnFailure?: R;
   check?(payload: P, fds: readonly number[], request: string): void;
   replyCheck?(payload: R, fds: readonly number[], request: string): void;
 }
@@ -289,6 +295,7 @@ function entry<P, R = never>(
     replyFds: init.replyFds ?? NO_FDS,
     gate: init.gate ?? null,
     allowedBeforeFeatures: init.allowedBeforeFeatures ?? false,
+    replyOnFailure: init.replyOnFailure ?? null,
     summary: init.summary,
   };
   if (init.check) spec.check = init.check;
@@ -388,6 +395,7 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
     replyCodec: logBaseReplyCodec,
     replyFeature: PF.LOG_SHMFD,
     gate: PF.LOG_SHMFD,
+    replyOnFailure: { value: 1n, log: null },
     summary: "set the dirty log (size and offset in the attached memfd)",
   }),
   [FR.SET_LOG_FD]: entry(F, FR.SET_LOG_FD, "SET_LOG_FD", {
@@ -474,6 +482,7 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
   [FR.IOTLB_MSG]: entry(F, FR.IOTLB_MSG, "IOTLB_MSG", {
     codec: iotlbCodec,
     replyCodec: u64Codec,
+    replyOnFailure: 1n,
     gate: "ACCESS_PLATFORM",
     summary: "update or invalidate an IOTLB entry (reply 0 = success)",
   }),
@@ -508,19 +517,22 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
   [FR.POSTCOPY_ADVISE]: entry(F, FR.POSTCOPY_ADVISE, "POSTCOPY_ADVISE", {
     codec: emptyCodec,
     replyCodec: opaqueCodec("postcopy advise reply", 0, 8),
-    replyFds: ONE_FD,
+    // A reply without the fd reports a failure (QEMU: "failed to get PostCopyAdvise reply fd").
+    replyFds: OPTIONAL_FD,
     gate: PF.PAGEFAULT,
     summary: "open a userfaultfd and return it",
   }),
   [FR.POSTCOPY_LISTEN]: entry(F, FR.POSTCOPY_LISTEN, "POSTCOPY_LISTEN", {
     codec: emptyCodec,
     replyCodec: u64Codec,
+    replyOnFailure: 1n,
     gate: PF.PAGEFAULT,
     summary: "register the regions with the userfaultfd (reply 0 = success)",
   }),
   [FR.POSTCOPY_END]: entry(F, FR.POSTCOPY_END, "POSTCOPY_END", {
     codec: emptyCodec,
     replyCodec: u64Codec,
+    replyOnFailure: 1n,
     gate: PF.PAGEFAULT,
     summary: "postcopy is over (reply 0 = success)",
   }),
@@ -528,7 +540,8 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
     codec: inflightCodec,
     replyCodec: inflightCodec,
     replyFeature: PF.INFLIGHT_SHMFD,
-    replyFds: ONE_FD,
+    // mmap_size 0 without an fd: no inflight area (QEMU accepts it; the failure reply).
+    replyFds: OPTIONAL_FD,
     gate: PF.INFLIGHT_SHMFD,
     summary: "get the shared inflight-tracking buffer",
   }),
@@ -587,6 +600,7 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
   [FR.GET_SHARED_OBJECT]: entry(F, FR.GET_SHARED_OBJECT, "GET_SHARED_OBJECT", {
     codec: sharedObjectCodec,
     replyCodec: sharedObjectReplyCodec,
+    replyOnFailure: { value: 1n, uuid: null },
     replyFds: OPTIONAL_FD,
     gate: PF.SHARED_OBJECT,
     summary: "get the dmabuf fd of a shared object",
@@ -595,6 +609,7 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
     codec: deviceStateParamsCodec,
     fds: ONE_FD,
     replyCodec: deviceStateReplyCodec,
+    replyOnFailure: { result: 1, noFd: true },
     replyFds: OPTIONAL_FD,
     gate: PF.DEVICE_STATE,
     summary: "start a device-state transfer over the attached pipe end",
@@ -612,6 +627,7 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
   [FR.CHECK_DEVICE_STATE]: entry(F, FR.CHECK_DEVICE_STATE, "CHECK_DEVICE_STATE", {
     codec: emptyCodec,
     replyCodec: u64Codec,
+    replyOnFailure: 1n,
     gate: PF.DEVICE_STATE,
     summary: "ask whether the device-state transfer succeeded (reply 0 = success)",
   }),
@@ -792,6 +808,32 @@ export function replyExpectation(
 ): "body" | "ack" | null {
   if (hasExplicitReply(spec, protocolFeatures, context)) return "body";
   return needsAck(spec, flags, protocolFeatures, context) ? "ack" : null;
+}
+
+/**
+ * The reply body that reports a failed request (vhost-user: "Communication": a request with a
+ * reply body is always answered, also on failure): the entry's `replyOnFailure`, else the
+ * zero-filled minimum body (0 features, size 0 config, zero-sized inflight area...).
+ * @param spec the table entry
+ * @param request the request payload (echoed where the reply names a queue or a region)
+ * @returns the payload to pass to the reply encoder, or null when the request has no reply body
+ */
+export function failureReply(spec: AnyRequestSpec, request?: unknown): unknown {
+  if (spec.replyCodec === null || spec.replySize === null) return null;
+  if (spec.replyOnFailure !== null) return spec.replyOnFailure;
+  const zero = spec.replyCodec.decode(new Uint8Array(spec.replySize.min), spec.name);
+  if (
+    spec.replyCodec === spec.codec &&
+    typeof request === "object" &&
+    request !== null &&
+    "index" in request &&
+    typeof zero === "object" &&
+    zero !== null
+  ) {
+    // GET_VRING_BASE: the reply names the queue asked about.
+    return { ...zero, index: (request as { index: number }).index };
+  }
+  return zero;
 }
 
 /** Feature state a gate is checked against. */

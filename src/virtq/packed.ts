@@ -450,15 +450,36 @@ export class PackedDeviceQueue implements DeviceQueue {
   /**
    * Write a used descriptor for a finished chain at the next used position (not yet visible:
    * its flags are stored by {@link publish}).
-   * @param chain a chain returned by `pop()` (of this or an earlier queue object on this ring)
+   * @param chain a chain returned by `pop()` (of this or an earlier queue object on this ring:
+   *   chains in flight may be carried across a restart from `getBase()`)
    * @param writtenLen bytes written into the chain's writable segments
-   * @throws RangeError when `writtenLen` is not an integer in 0..chain.writableLength
+   * @throws VirtqueueError field `inFlight` when the ring has fewer descriptors popped and not
+   *   yet used than the chain occupies (nothing in flight), `used.len` when `writtenLen` is
+   *   not an integer in
+   *   0..chain.writableLength (as the split ring)
    * VIRTIO 1.2 §2.8.22 (Receiving used buffers), §2.8.6.
    */
   pushUsed(chain: DescChain, writtenLen: number): void {
+    // Descriptors popped (by any queue object on this ring) and not yet used.
+    const outstanding =
+      this.availWrap === this.usedWrap
+        ? this.lastAvailIdx - this.usedIdx
+        : this.lastAvailIdx + this.size - this.usedIdx;
+    if (chain.descCount > outstanding) {
+      throw vqError(
+        "inFlight",
+        outstanding,
+        `pushUsed without a popped chain (${outstanding} descriptors in flight, buffer ${chain.head} occupies ${chain.descCount})`,
+        this.index,
+      );
+    }
+    const head = chain.head;
     if (!Number.isInteger(writtenLen) || writtenLen < 0 || writtenLen > chain.writableLength) {
-      throw new RangeError(
-        `used len ${writtenLen} is not in 0..${chain.writableLength} (writable length of buffer ${chain.head})`,
+      throw vqError(
+        "used.len",
+        writtenLen,
+        `written length exceeds the chain's writable length ${chain.writableLength} (buffer ${head})`,
+        this.index,
       );
     }
     const pos = this.usedIdx;
@@ -501,6 +522,8 @@ export class PackedDeviceQueue implements DeviceQueue {
       for (const e of this.pending) this.markUsed(e.pos);
       log.flush();
     }
+    // ORDERING: the first entry's flags last (seq-cst store), after the other flags and the
+    // flushed log marks: this store makes the whole batch visible to the driver.
     Atomics.store(u16, first.pos * 8 + 7, first.flags);
     if (log) {
       // The head's flags changed after the marks above: mark its page again.
@@ -589,6 +612,8 @@ export class PackedDeviceQueue implements DeviceQueue {
     this.signalledUsedValid = true;
     if (flags !== RING_EVENT_FLAGS_DESC) return flags !== RING_EVENT_FLAGS_DISABLE;
     if (!valid) return true;
+    // ORDERING: the used flags were stored (seq-cst) before this load of the driver's event
+    // offset/wrap, as the spec's barrier before reading the event suppression structure.
     const offWrap = Atomics.load(ev, 0);
     let off = offWrap & 0x7fff;
     if (now <= old) old -= this.size;
@@ -624,9 +649,6 @@ class ChainBuilder {
   ) {}
 
   add(addr: number, len: number, writable: boolean, flags: number): void {
-    if (len === 0) {
-      throw vqError("desc.len", 0, `zero-length descriptor at guest address ${addr}`, this.queue);
-    }
     if (!writable && this.writable.length > 0) {
       throw vqError(
         "desc.flags",
@@ -635,6 +657,8 @@ class ChainBuilder {
         this.queue,
       );
     }
+    // A zero-length descriptor is legal and carries nothing: no segment (as the split ring).
+    if (len === 0) return;
     checkCovered(this.mem, addr, len, this.queue);
     const seg: Segment = { gpa: addr as Gpa, len, writable };
     if (writable) {

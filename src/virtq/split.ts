@@ -558,7 +558,8 @@ export class SplitDeviceQueue implements DeviceQueue {
     if (log !== null) log.flush();
     Atomics.store(usedU16, 1, next);
     if (log !== null) {
-      // Logged after the store: a log sync between mark and store cannot lose the new idx.
+      // ORDERING: logged after the store: a log sync between mark and store cannot lose the
+      // new idx.
       log.mark(this.#usedLogBase + 2, 2);
       log.flush();
     }
@@ -575,6 +576,7 @@ export class SplitDeviceQueue implements DeviceQueue {
   }
 
   #writeAvailEvent(value: number): void {
+    // ORDERING: seq-cst store; callers re-load avail.idx after it (see setNotification, pop).
     Atomics.store(this.#usedU16, this.#availEventAt, value);
     this.#availEventWritten = value;
     this.#logUsed(2 * this.#availEventAt, 2);
@@ -606,6 +608,7 @@ export class SplitDeviceQueue implements DeviceQueue {
       const flags = usedU16[0] as number;
       const next = enabled ? flags & ~VIRTQ_USED_F_NO_NOTIFY : flags | VIRTQ_USED_F_NO_NOTIFY;
       if (next !== flags) {
+        // ORDERING: seq-cst store of used.flags, before the avail.idx load below.
         Atomics.store(usedU16, 0, next);
         this.#logUsed(0, 2);
       }
@@ -621,6 +624,7 @@ export class SplitDeviceQueue implements DeviceQueue {
    * @returns true when avail.idx differs from last_avail_idx
    */
   hasAvailable(): boolean {
+    // ORDERING: seq-cst load of avail.idx (the ring entries are read only by pop()).
     return Atomics.load(this.#availU16, 1) !== this.#lastAvail;
   }
 
@@ -897,9 +901,11 @@ export class SplitDriverQueue implements DriverQueue {
     this.#notify = enabled;
     if (this.#eventIdx) {
       if (!enabled) return false;
+      // ORDERING: seq-cst store of used_event, before used.idx is re-loaded below.
       Atomics.store(this.#availU16, this.#usedEventAt, this.#lastUsed);
       this.#usedEventWritten = this.#lastUsed;
     } else {
+      // ORDERING: seq-cst store of avail.flags, before used.idx is re-loaded below.
       Atomics.store(this.#availU16, 0, enabled ? 0 : VIRTQ_AVAIL_F_NO_INTERRUPT);
       if (!enabled) return false;
     }

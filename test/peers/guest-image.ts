@@ -29,7 +29,7 @@ const execFileP = promisify(execFile);
 /** The marker /init prints once the network is configured and the command loop runs. */
 export const GUEST_READY_MARKER = "VK-GUEST-READY";
 
-/** The virtio modules, in the order they must be loaded (environment.md). */
+/** The virtio modules, in the order they must be loaded (each depends on the ones before it). */
 export const VIRTIO_NET_MODULES: readonly string[] = [
   "virtio_ring",
   "virtio",

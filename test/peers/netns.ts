@@ -2,7 +2,7 @@
  * Network namespaces for tests that need the host's network stack (a TAP or VXLAN uplink):
  * create namespaces with unique names, veth pairs, TAP and VXLAN devices with iproute2, and
  * always delete them. Addresses are restricted to the documentation ranges 192.0.2.0/24 and
- * 198.51.100.0/24 and to fd00::/8 (environment.md: "Network traffic in tests"). Needs root.
+ * 198.51.100.0/24 and to fd00::/8 (documentation and unique-local ranges only). Needs root.
  */
 import { execFile } from "node:child_process";
 import { BlockList, isIP } from "node:net";

@@ -15,6 +15,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import { buildGuestImage, GUEST_READY_MARKER, type GuestImage } from "./guest-image.js";
+import { checkTestAddress } from "./netns.js";
 import { findExecutable, uniqueName } from "./testpmd.js";
 
 /** One vhost-user-net device of the guest. */
@@ -628,7 +629,16 @@ export function qemuArgs(
 ): string[] {
   const mem = opts.memMiB ?? 256;
   const nics = opts.nics ?? [];
-  const ips = nics.map((n) => (n.guestAddrs ?? []).join("+") || "-");
+  // Every guest address must be in a documentation or unique-local range (netns.ts).
+  const ips = nics.map(
+    (n) =>
+      (n.guestAddrs ?? [])
+        .map((a) => {
+          checkTestAddress(a);
+          return a;
+        })
+        .join("+") || "-",
+  );
   const append = [
     "console=ttyS0",
     "loglevel=1",

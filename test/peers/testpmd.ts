@@ -74,7 +74,7 @@ export interface TestpmdOptions {
   readonly txq?: number;
   /**
    * The lcore that polls (the other of 0,1 is `--main-lcore`), default 0. Two testpmds that
-   * run together must poll on different cores (environment.md): give one 0 and the other 1.
+   * run together must poll on different cores (two pollers on one core starve each other): give one 0 and the other 1.
    */
   readonly forwardLcore?: 0 | 1;
   /** `--total-num-mbufs`, default 16384 (needed with `--no-huge -m 512`). */
