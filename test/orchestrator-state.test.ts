@@ -136,13 +136,13 @@ test("virtio state: load-time checks name the field", () => {
       featureMask(VirtioFeature.VERSION_1) | featureMask(VirtioFeature.RING_EVENT_IDX);
     const ok = baseState(featureMask(VirtioFeature.VERSION_1));
     // avail.idx of queue 1 in guest memory: 65530 + 3 (3 pending)
-    new DataView(ram.regions[0]!.region.buffer).setUint16(
-      ram.regions[0]!.region.base + 0x6002,
+    new DataView(ram.regions[0]!.pieces[0]!.buffer).setUint16(
+      ram.regions[0]!.pieces[0]!.base + 0x6002,
       65533,
       true,
     );
-    new DataView(ram.regions[0]!.region.buffer).setUint16(
-      ram.regions[0]!.region.base + 0x2002,
+    new DataView(ram.regions[0]!.pieces[0]!.buffer).setUint16(
+      ram.regions[0]!.pieces[0]!.base + 0x2002,
       12,
       true,
     );

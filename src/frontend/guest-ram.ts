@@ -17,7 +17,7 @@ import {
 import type { Gpa, Uaddr } from "../memory/address.js";
 import { GuestMemory } from "../memory/guest-memory.js";
 import type { Region, RegionInfo } from "../memory/guest-memory.js";
-import { mapRegion, unmapRegion } from "../memory/mapping.js";
+import { MAX_REGION_MAPPING, mapRegionSplit, unmapRegion } from "../memory/mapping.js";
 import type { MemoryRegion } from "../protocol/codecs.js";
 import { alignUp } from "../virtq/layout.js";
 
@@ -67,8 +67,12 @@ export interface GuestRamRegion {
   readonly info: RegionInfo;
   /** the memfd holding the region (shared between regions with `layout: "shared-fd"`) */
   readonly fd: number;
-  /** the front-end's own mapping. LIFETIME: valid until {@link GuestRam.close} */
-  readonly region: Region;
+  /**
+   * The front-end's own mapping, in address order: one piece, or adjacent pieces of at most
+   * {@link MAX_REGION_MAPPING} bytes for a larger region (an ArrayBuffer holds at most 4 GiB).
+   * LIFETIME: valid until {@link GuestRam.close}.
+   */
+  readonly pieces: readonly Region[];
 }
 
 interface Cursor {
@@ -107,7 +111,7 @@ export class GuestRam {
     this.#fds = fds;
     this.layout = layout;
     this.name = name;
-    this.memory = new GuestMemory(regions.map((r) => r.region));
+    this.memory = new GuestMemory(regions.flatMap((r) => r.pieces));
     this.#cursors = regions.map((r) => ({ next: r.info.gpa }));
   }
 
@@ -175,18 +179,18 @@ export class GuestRam {
         const fd = native.memfdCreate(name);
         fds.push(fd);
         native.ftruncate(fd, sharedOffset);
-        for (const info of infos) mapped.push({ info, fd, region: mapRegion(fd, info) });
+        for (const info of infos) mapped.push({ info, fd, pieces: mapRegionSplit(fd, info) });
       } else {
         infos.forEach((info, i) => {
           const fd = native.memfdCreate(`${name}-${i}`);
           fds.push(fd);
           native.ftruncate(fd, info.size);
-          mapped.push({ info, fd, region: mapRegion(fd, info) });
+          mapped.push({ info, fd, pieces: mapRegionSplit(fd, info) });
         });
       }
       return new GuestRam(mapped, fds, layout, name);
     } catch (err) {
-      for (const m of mapped) unmapRegion(m.region);
+      for (const m of mapped) for (const piece of m.pieces) unmapRegion(piece);
       for (const fd of fds) native.close(fd);
       throw err;
     }
@@ -212,7 +216,8 @@ export class GuestRam {
   }
 
   /**
-   * Allocate guest memory with a bump allocator (never freed; see {@link reset}).
+   * Allocate guest memory with a bump allocator (never freed; see {@link reset}). An allocation
+   * of at most {@link MAX_REGION_MAPPING} bytes never crosses a mapped piece's boundary.
    * @param size bytes (> 0)
    * @param align alignment (a power of 2; default 16)
    * @param regionIndex allocate in this region only (default: the first region with room)
@@ -234,7 +239,14 @@ export class GuestRam {
       if (r === undefined || c === undefined) {
         throw new RangeError(`guest RAM alloc: no region ${i} (regions=${this.regions.length})`);
       }
-      const at = alignUp(c.next, align);
+      let at = alignUp(c.next, align);
+      // A ring or buffer must lie in one mapped piece (rings are viewed as typed arrays over
+      // one mapping): an allocation that would cross a piece boundary starts at the boundary.
+      const piece = Math.floor((at - r.info.gpa) / MAX_REGION_MAPPING);
+      const boundary = r.info.gpa + (piece + 1) * MAX_REGION_MAPPING;
+      if (size <= MAX_REGION_MAPPING && at < boundary && at + size > boundary) {
+        at = alignUp(boundary, align);
+      }
       if (at + size <= r.info.gpa + r.info.size) {
         c.next = at + size;
         return at as Gpa;
@@ -330,7 +342,8 @@ export class GuestRam {
     });
     this.regions.forEach((r, i) => {
       // LIFETIME: both views are used at once, while both RAMs are open.
-      (copy.regions[i] as GuestRamRegion).region.bytes.set(r.region.bytes);
+      const to = (copy.regions[i] as GuestRamRegion).pieces;
+      r.pieces.forEach((piece, k) => (to[k] as Region).bytes.set(piece.bytes));
       (copy.#cursors[i] as Cursor).next = (this.#cursors[i] as Cursor).next;
     });
     return copy;
@@ -414,7 +427,7 @@ export class GuestRam {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const r of this.regions) unmapRegion(r.region);
+    for (const r of this.regions) for (const piece of r.pieces) unmapRegion(piece);
     for (const fd of this.#fds) native.close(fd);
   }
 }

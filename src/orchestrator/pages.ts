@@ -189,6 +189,6 @@ export function applyPages(
 export function hashGuestRam(ram: GuestRam): Buffer {
   const h = createHash("sha256");
   // LIFETIME: the region views are used while the RAM is open.
-  for (const r of ram.regions) h.update(r.region.bytes);
+  for (const r of ram.regions) for (const piece of r.pieces) h.update(piece.bytes);
   return h.digest();
 }
