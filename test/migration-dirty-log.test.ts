@@ -22,7 +22,7 @@ import {
 } from "../src/protocol/constants.js";
 import { serveBackend } from "../src/backend/server.js";
 import type { BackendServer } from "../src/backend/server.js";
-import type { BackendQueue, VhostUserDevice } from "../src/backend/device.js";
+import type { BackendQueue, VhostUserDevice, WorkerQueueSpec } from "../src/backend/device.js";
 import { silentLogger } from "../src/backend/device.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
@@ -57,6 +57,14 @@ class FillDevice implements VhostUserDevice {
   readonly queueCount = 1;
   readonly maxQueueSize = 256;
   written = 0;
+  /** true: queue 0 runs in a worker thread (`test/fixtures/fill-worker.ts`) */
+  readonly hasWorkerQueues: boolean;
+  constructor(workers = false) {
+    this.hasWorkerQueues = workers;
+  }
+  workerQueue(): WorkerQueueSpec | null {
+    return { module: new URL("./fixtures/fill-worker.js", import.meta.url).href, options: null };
+  }
   processQueue(queue: BackendQueue): void {
     for (let c = queue.pop(); c !== null; c = queue.pop()) {
       const n = queue.write(c, new Uint8Array(c.writableLength).fill(0x5a));
@@ -115,10 +123,10 @@ interface Rig {
 }
 
 let sockets = 0;
-async function rig(name: string): Promise<Rig> {
+async function rig(name: string, workers = false): Promise<Rig> {
   sockets++;
   const path = join(tmpdir(), `vk-mig-log-${process.pid}-${sockets}.sock`);
-  const dev = new FillDevice();
+  const dev = new FillDevice(workers);
   const server = serveBackend(dev, { path, logger: silentLogger });
   const errors: Error[] = [];
   server.on("error", (e: Error) => errors.push(e));
@@ -139,6 +147,13 @@ async function rig(name: string): Promise<Rig> {
       ram.close();
     },
   };
+}
+
+/** The ring runs where the test says: in a worker thread or on the main thread. */
+function assertWhere(r: Rig, workers: boolean): void {
+  const vring = r.server.session?.vrings[0];
+  assert.ok(vring?.started, "the ring runs");
+  assert.equal(vring.worker !== null, workers, workers ? "in a worker" : "on the main thread");
 }
 
 async function setLogBase(fe: VhostUserFrontend, log: LogFile, size = log.size): Promise<void> {
@@ -191,135 +206,145 @@ test("log arithmetic: page = gpa / 4096, log[page / 8] |= 1 << (page % 8)", () =
   }
 });
 
-test("random device writes through the framework mark every page written and no other (property)", async () => {
-  const r = await rig("vk-mig-log-prop");
-  const log = new LogFile(RAM_SIZE / 4096 / 8);
-  try {
-    await setLogBase(r.fe, log);
-    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
-    const usedSize = splitRingSizes(r.q.size).used;
-    const seg = fc
-      .record({
-        gpa: fc.integer({ min: DATA_START, max: RAM_SIZE - 1 }),
-        len: fc.integer({ min: 1, max: 3 * 4096 }),
-      })
-      .map((s) => ({ gpa: s.gpa, len: Math.min(s.len, RAM_SIZE - s.gpa) }));
-    await fc.assert(
-      fc.asyncProperty(
-        fc.array(fc.array(seg, { minLength: 1, maxLength: 3 }), { minLength: 1, maxLength: 12 }),
-        async (writes) => {
-          log.clear();
-          await writeThrough(r, writes);
-          const want = new Set<number>();
-          for (const chain of writes) for (const s of chain) pagesOf(s.gpa, s.len, want);
-          const used = new Set<number>();
-          pagesOf(r.q.ring.used, usedSize, used);
-          const got = log.pages();
-          for (const p of want) assert.ok(got.includes(p), `page ${p} written but not logged`);
-          for (const p of got) {
-            assert.ok(want.has(p) || used.has(p), `page ${p} logged but not written`);
-          }
-        },
-      ),
-      { numRuns: 40 },
-    );
-    assert.deepEqual(r.errors, []);
-  } finally {
-    r.close();
-    log.close();
-  }
-});
+for (const workers of [false, true]) {
+  test(`random device writes through the framework mark every page written and no other (property)${workers ? " (worker ring)" : ""}`, async () => {
+    const r = await rig(`vk-mig-log-prop${workers ? "-w" : ""}`, workers);
+    const log = new LogFile(RAM_SIZE / 4096 / 8);
+    try {
+      await setLogBase(r.fe, log);
+      await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+      const usedSize = splitRingSizes(r.q.size).used;
+      const seg = fc
+        .record({
+          gpa: fc.integer({ min: DATA_START, max: RAM_SIZE - 1 }),
+          len: fc.integer({ min: 1, max: 3 * 4096 }),
+        })
+        .map((s) => ({ gpa: s.gpa, len: Math.min(s.len, RAM_SIZE - s.gpa) }));
+      await fc.assert(
+        fc.asyncProperty(
+          fc.array(fc.array(seg, { minLength: 1, maxLength: 3 }), { minLength: 1, maxLength: 12 }),
+          async (writes) => {
+            log.clear();
+            await writeThrough(r, writes);
+            const want = new Set<number>();
+            for (const chain of writes) for (const s of chain) pagesOf(s.gpa, s.len, want);
+            const used = new Set<number>();
+            pagesOf(r.q.ring.used, usedSize, used);
+            const got = log.pages();
+            for (const p of want) assert.ok(got.includes(p), `page ${p} written but not logged`);
+            for (const p of got) {
+              assert.ok(want.has(p) || used.has(p), `page ${p} logged but not written`);
+            }
+          },
+        ),
+        { numRuns: 40 },
+      );
+      assertWhere(r, workers);
+      assert.deepEqual(r.errors, []);
+    } finally {
+      r.close();
+      log.close();
+    }
+  });
+}
 
-test("VHOST_VRING_F_LOG: used-ring writes are marked at log_guest_addr, not at the ring", async () => {
-  const r = await rig("vk-mig-log-used");
-  const log = new LogFile(RAM_SIZE / 4096 / 8);
-  try {
-    // A log_guest_addr on a page that holds neither the ring nor data.
-    const logAt = 200 << 10;
-    await setVringLogAt(r, logAt);
-    await setLogBase(r.fe, log);
-    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
-    await writeThrough(r, [[{ gpa: DATA_START + 100, len: 10 }]]);
-    const got = log.pages();
-    const usedPage = Math.floor(r.q.ring.used / 4096);
-    assert.ok(got.includes(logAt / 4096), "used ring logged at log_guest_addr");
-    assert.ok(!got.includes(usedPage), "not at the used ring's own address");
-    assert.ok(got.includes(DATA_START / 4096), "the data page");
-    assert.equal(got.length, 2, `pages ${got.join(",")}`);
-  } finally {
-    r.close();
-    log.close();
-  }
-});
+for (const workers of [false, true]) {
+  test(`VHOST_VRING_F_LOG: used-ring writes are marked at log_guest_addr, not at the ring${workers ? " (worker ring)" : ""}`, async () => {
+    const r = await rig(`vk-mig-log-used${workers ? "-w" : ""}`, workers);
+    const log = new LogFile(RAM_SIZE / 4096 / 8);
+    try {
+      // A log_guest_addr on a page that holds neither the ring nor data.
+      const logAt = 200 << 10;
+      await setVringLogAt(r, logAt);
+      await setLogBase(r.fe, log);
+      await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+      await writeThrough(r, [[{ gpa: DATA_START + 100, len: 10 }]]);
+      const got = log.pages();
+      const usedPage = Math.floor(r.q.ring.used / 4096);
+      assert.ok(got.includes(logAt / 4096), "used ring logged at log_guest_addr");
+      assert.ok(!got.includes(usedPage), "not at the used ring's own address");
+      assert.ok(got.includes(DATA_START / 4096), "the data page");
+      assert.equal(got.length, 2, `pages ${got.join(",")}`);
+      assertWhere(r, workers);
+    } finally {
+      r.close();
+      log.close();
+    }
+  });
+}
 
-test("an address beyond the log's size is an error; nothing is written outside the log", async () => {
-  const r = await rig("vk-mig-log-beyond");
-  // The log covers 512 KiB (16 bytes); the memfd has a whole page, canaries after the log.
-  const log = new LogFile(16, 4096);
-  log.bytes.fill(0xc3, 16);
-  try {
-    await setLogBase(r.fe, log);
-    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
-    await writeThrough(r, [[{ gpa: DATA_START, len: 64 }]]);
-    assert.ok(log.pages().includes(DATA_START / 4096));
-    let queueError = false;
-    r.fe.on("queue-error", () => {
-      queueError = true;
-    });
-    r.q.add([{ gpa: (RAM_SIZE - 4096) as Gpa, len: 100, writable: true }]);
-    r.q.kick();
-    await until(() => queueError, "the queue's err eventfd");
-    assert.ok(
-      log.bytes.subarray(16).every((b) => b === 0xc3),
-      "nothing written past the log's size",
-    );
-  } finally {
-    r.close();
-    log.close();
-  }
-});
+for (const workers of [false, true]) {
+  test(`an address beyond the log's size is an error; nothing is written outside the log${workers ? " (worker ring)" : ""}`, async () => {
+    const r = await rig(`vk-mig-log-beyond${workers ? "-w" : ""}`, workers);
+    // The log covers 512 KiB (16 bytes); the memfd has a whole page, canaries after the log.
+    const log = new LogFile(16, 4096);
+    log.bytes.fill(0xc3, 16);
+    try {
+      await setLogBase(r.fe, log);
+      await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+      await writeThrough(r, [[{ gpa: DATA_START, len: 64 }]]);
+      assert.ok(log.pages().includes(DATA_START / 4096));
+      let queueError = false;
+      r.fe.on("queue-error", () => {
+        queueError = true;
+      });
+      r.q.add([{ gpa: (RAM_SIZE - 4096) as Gpa, len: 100, writable: true }]);
+      r.q.kick();
+      await until(() => queueError, "the queue's err eventfd");
+      assert.ok(
+        log.bytes.subarray(16).every((b) => b === 0xc3),
+        "nothing written past the log's size",
+      );
+    } finally {
+      r.close();
+      log.close();
+    }
+  });
+}
 
-test("the log replaced (SET_LOG_BASE again, bigger) while traffic runs: no write goes unlogged", async () => {
-  const r = await rig("vk-mig-log-swap");
-  const small = new LogFile(RAM_SIZE / 4096 / 8);
-  const big = new LogFile(2 * (RAM_SIZE / 4096 / 8));
-  try {
-    await setLogBase(r.fe, small);
-    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
-    const all = new Set<number>();
-    const after = new Set<number>();
-    let swapped = false;
-    let stop = false;
-    const traffic = (async () => {
-      let i = 0;
-      while (!stop) {
-        const gpa = DATA_START + ((i * 7919 * 64) % (RAM_SIZE - DATA_START - 64));
-        const was = swapped;
-        await writeThrough(r, [[{ gpa, len: 64 }]]);
-        pagesOf(gpa, 64, all);
-        if (was) pagesOf(gpa, 64, after);
-        i++;
-      }
-    })();
-    await sleep(50);
-    await setLogBase(r.fe, big);
-    swapped = true;
-    await sleep(50);
-    stop = true;
-    await traffic;
-    const union = new Set([...small.pages(), ...big.pages()]);
-    for (const p of all) assert.ok(union.has(p), `page ${p} written but in neither log`);
-    const inBig = new Set(big.pages());
-    for (const p of after)
-      assert.ok(inBig.has(p), `page ${p} written after the swap, not in the new log`);
-    assert.ok(after.size > 0, "traffic ran after the swap");
-    assert.deepEqual(r.errors, []);
-  } finally {
-    r.close();
-    small.close();
-    big.close();
-  }
-});
+for (const workers of [false, true]) {
+  test(`the log replaced (SET_LOG_BASE again, bigger) while traffic runs: no write goes unlogged${workers ? " (worker ring)" : ""}`, async () => {
+    const r = await rig(`vk-mig-log-swap${workers ? "-w" : ""}`, workers);
+    const small = new LogFile(RAM_SIZE / 4096 / 8);
+    const big = new LogFile(2 * (RAM_SIZE / 4096 / 8));
+    try {
+      await setLogBase(r.fe, small);
+      await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+      const all = new Set<number>();
+      const after = new Set<number>();
+      let swapped = false;
+      let stop = false;
+      const traffic = (async () => {
+        let i = 0;
+        while (!stop) {
+          const gpa = DATA_START + ((i * 7919 * 64) % (RAM_SIZE - DATA_START - 64));
+          const was = swapped;
+          await writeThrough(r, [[{ gpa, len: 64 }]]);
+          pagesOf(gpa, 64, all);
+          if (was) pagesOf(gpa, 64, after);
+          i++;
+        }
+      })();
+      await sleep(50);
+      await setLogBase(r.fe, big);
+      swapped = true;
+      await sleep(50);
+      stop = true;
+      await traffic;
+      const union = new Set([...small.pages(), ...big.pages()]);
+      for (const p of all) assert.ok(union.has(p), `page ${p} written but in neither log`);
+      const inBig = new Set(big.pages());
+      for (const p of after)
+        assert.ok(inBig.has(p), `page ${p} written after the swap, not in the new log`);
+      assert.ok(after.size > 0, "traffic ran after the swap");
+      assert.deepEqual(r.errors, []);
+    } finally {
+      r.close();
+      small.close();
+      big.close();
+    }
+  });
+}
 
 test("SET_LOG_FD kicked after logging; LOG_ALL off and on again while the ring runs", async () => {
   const r = await rig("vk-mig-log-fd");
@@ -347,5 +372,38 @@ test("SET_LOG_FD kicked after logging; LOG_ALL off and on again while the ring r
     native.close(efd);
     r.close();
     log.close();
+  }
+});
+
+test("LOG_ALL off and on again while a worker ring runs; the worker's log follows SET_LOG_BASE", async () => {
+  const r = await rig("vk-mig-log-w-toggle", true);
+  const log = new LogFile(RAM_SIZE / 4096 / 8);
+  const other = new LogFile(RAM_SIZE / 4096 / 8);
+  try {
+    await writeThrough(r, [[{ gpa: DATA_START, len: 10 }]]);
+    assertWhere(r, true);
+    await setLogBase(r.fe, log);
+    assert.deepEqual(log.pages(), [], "nothing logged before LOG_ALL");
+    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+    await writeThrough(r, [[{ gpa: DATA_START + 4096, len: 10 }]]);
+    assert.ok(log.pages().includes(DATA_START / 4096 + 1), "logged once LOG_ALL is on");
+    // LOG_ALL cleared while the worker runs: its writes are no longer logged.
+    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES));
+    log.clear();
+    await writeThrough(r, [[{ gpa: DATA_START + 8192, len: 10 }]]);
+    assert.deepEqual(log.pages(), []);
+    // On again, then a new log: the worker marks the new one only.
+    await r.fe.setFeatures(FEATURES | featureMask(VirtioFeature.PROTOCOL_FEATURES) | LOG_ALL);
+    await setLogBase(r.fe, other);
+    log.clear();
+    await writeThrough(r, [[{ gpa: DATA_START + 3 * 4096, len: 10 }]]);
+    assert.deepEqual(log.pages(), [], "the old log is no longer marked");
+    assert.ok(other.pages().includes(DATA_START / 4096 + 3), "the new log is");
+    assertWhere(r, true);
+    assert.deepEqual(r.errors, []);
+  } finally {
+    r.close();
+    log.close();
+    other.close();
   }
 });

@@ -429,6 +429,71 @@ for (const packed of [false, true]) {
   });
 }
 
+for (const packed of [false, true]) {
+  test(`a device whose transmit ring runs in a worker thread migrates with dirty logging on: RAM identical, frames exactly once (${packed ? "packed" : "split"})`, async () => {
+    const dir = mkdtempSync(join(tmpdir(), "vk-orch-w-"));
+    const devA = new NetTestDevice({ mode: "sink", workerQueues: true });
+    const devB = new NetTestDevice({ mode: "sink", workerQueues: true });
+    const srvA = serveBackend(devA, { path: join(dir, "a.sock") });
+    const srvB = serveBackend(devB, { path: join(dir, "b.sock") });
+    const { fe, ram } = await startFrontend(join(dir, "a.sock"), 4 << 20, packed);
+    const gen = new SeqTrafficGuest(fe, { rxQueue: null, record: true, burst: 8 });
+    let gen2: SeqTrafficGuest | null = null;
+    let server: Server | null = null;
+    let dst: IncomingResult | null = null;
+    try {
+      gen.start();
+      await until("traffic on A", () => devA.totalTx > 300);
+      assert.notEqual(srvA.session?.vrings[1]?.worker ?? null, null, "A's TX ring is a worker");
+      let incoming: Promise<IncomingResult> | null = null;
+      const l = await listen((s) => {
+        incoming = receiveMigration({
+          stream: s,
+          connectBackend: () => VhostUserFrontend.connect(join(dir, "b.sock")),
+        });
+      });
+      server = l.server;
+      // The worker keeps taking frames through every pre-copy pass, with LOG_ALL on (its marks
+      // are checked page by page in test/migration-dirty-log).
+      const res = await migrateSource({
+        frontend: fe,
+        stream: await connect(l.port),
+        guest: gen,
+        verifyMemory: true,
+      });
+      gen.stop();
+      dst = await (incoming as unknown as Promise<IncomingResult>);
+      assert.equal(dst.memoryVerified, true, "destination RAM = source RAM (hash)");
+      assert.ok(res.iterations >= 2, `iterations ${res.iterations}`);
+      assert.equal(res.deviceStateTransferred, false, "NetTestDevice has no device state");
+      const atStop = devA.totalTx;
+      gen2 = SeqTrafficGuest.restore(dst.frontend, dst.guestState ?? new Uint8Array());
+      gen2.start();
+      const target = gen.nextSeq + 500;
+      const g2 = gen2;
+      await until("more traffic on B", () => g2.completed > 0 && g2.nextSeq >= target);
+      assert.notEqual(srvB.session?.vrings[1]?.worker ?? null, null, "B's TX ring is a worker");
+      gen2.stop();
+      await until("B drained", () => g2.drain() === 0);
+      const sent = gen2.nextSeq;
+      assertExactlyOnce([...gen.completedSeqs, ...gen2.completedSeqs], sent, "TX completions");
+      assert.equal(devA.totalTx, atStop, "A took nothing after the stop");
+      assert.equal(atStop + devB.totalTx, sent, "every frame taken once, by A or by B");
+    } finally {
+      gen.stop();
+      gen2?.stop();
+      server?.close();
+      dst?.frontend.close();
+      dst?.ram.close();
+      fe.close();
+      ram.close();
+      srvA.close();
+      srvB.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
+
 async function expectResumed(p: Pair, err: unknown): Promise<void> {
   assert.ok(err instanceof MigrationError, `MigrationError expected, got ${String(err)}`);
   assert.equal(err.sourceResumed, true);

@@ -124,8 +124,9 @@ export interface VhostUserDevice {
    */
   workerQueue?(index: number): WorkerQueueSpec | null;
   /**
-   * True when {@link workerQueue} may return a spec. The back-end then offers neither
-   * VHOST_F_LOG_ALL nor the LOG_SHMFD protocol feature (worker queues do not mark the log).
+   * True when {@link workerQueue} may return a spec. The back-end then keeps the region and
+   * log fds open so that workers can map guest memory and the dirty log themselves (worker
+   * rings mark the log like main-thread ones).
    */
   readonly hasWorkerQueues?: boolean;
 

@@ -9,7 +9,8 @@ import type { FdWatcher } from "../native.js";
 import { GuestMemory } from "../memory/guest-memory.js";
 import type { Region } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
-import { mapRegion, unmapRegion } from "../memory/mapping.js";
+import { mapDirtyLog, mapRegion, unmapDirtyLog, unmapRegion } from "../memory/mapping.js";
+import type { DirtyLog } from "../memory/dirty-log.js";
 import { SplitDeviceQueue } from "../virtq/split.js";
 import { PackedDeviceQueue } from "../virtq/packed.js";
 import { readChain, writeChain } from "../virtq/chain-io.js";
@@ -20,9 +21,11 @@ import type {
   FromWorker,
   ToWorker,
   WorkerInit,
+  WorkerLogInit,
   WorkerQueueHandler,
   WorkerRegionInit,
   WorkerRingAddresses,
+  WorkerUsedLog,
 } from "./worker-queue.js";
 
 /**
@@ -47,6 +50,11 @@ function mapAll(regions: WorkerRegionInit[]): Region[] {
     for (const m of mapped) unmapRegion(m);
     throw err;
   }
+}
+
+/** Map a dirty log sent by the main thread (the fd stays open: the QueueWorker closes it). */
+function mapWorkerLog(log: WorkerLogInit): DirtyLog {
+  return mapDirtyLog(log.fd, log.offset, log.size);
 }
 
 /** The ring as the handler sees it: the same contract as the main thread's queues. */
@@ -132,6 +140,7 @@ function buildQueue(
   mem: GuestMemory,
   ring: WorkerRingAddresses,
   base: QueueBase,
+  usedLog: WorkerUsedLog | null,
 ): DeviceQueue {
   if (init.packed) {
     return new PackedDeviceQueue(mem, {
@@ -147,7 +156,7 @@ function buildQueue(
         usedIdx: base.usedIdx ?? base.availIdx,
         usedWrap: base.usedWrap ?? base.availWrap ?? true,
       },
-      usedLog: null,
+      usedLog,
       index: init.index,
     });
   }
@@ -159,7 +168,7 @@ function buildQueue(
     eventIdx: init.eventIdx,
     indirect: init.indirect,
     lastAvailIdx: base.availIdx,
-    usedLog: null,
+    usedLog,
     index: init.index,
   });
 }
@@ -169,6 +178,11 @@ class RingWorker {
   readonly #init: WorkerInit;
   readonly #port: NonNullable<typeof parentPort>;
   #regions: Region[] = [];
+  /** the ring's addresses in the current memory */
+  #addrs: WorkerRingAddresses;
+  /** the dirty log this worker marks (its own mapping), or null while not logging */
+  #log: DirtyLog | null = null;
+  #usedLog: WorkerUsedLog | null;
   #ring: WorkerRing | null = null;
   #handler: WorkerQueueHandler | null = null;
   #kickFd: number;
@@ -186,6 +200,8 @@ class RingWorker {
     this.#init = init;
     this.#port = port;
     this.#kickFd = init.kickFd;
+    this.#addrs = init.ring;
+    this.#usedLog = init.usedLog;
     port.on("message", (m: ToWorker) => {
       if (this.#ready) this.#onMessage(m);
       else this.#pending.push(m);
@@ -201,7 +217,9 @@ class RingWorker {
     try {
       this.#regions = mapAll(init.regions);
       const mem = new GuestMemory(this.#regions);
-      const queue = buildQueue(init, mem, init.ring, init.base);
+      if (init.log) this.#log = mapWorkerLog(init.log);
+      mem.log = this.#log;
+      const queue = buildQueue(init, mem, init.ring, init.base, this.#usedLog);
       this.#ring = new WorkerRing(init, queue, mem);
       const mod = (await import(init.module)) as { createQueueHandler?: CreateQueueHandler };
       if (typeof mod.createQueueHandler !== "function") {
@@ -247,7 +265,10 @@ class RingWorker {
         this.#schedule();
         return;
       case "remap":
-        this.#remap(m.regions, m.ring);
+        this.#remap(m.regions, m.ring, m.usedLog);
+        return;
+      case "log":
+        this.#setLog(m.log, m.usedLog);
         return;
       case "stop":
         this.#stop();
@@ -255,7 +276,11 @@ class RingWorker {
     }
   }
 
-  #remap(regions: WorkerRegionInit[], addrs: WorkerRingAddresses): void {
+  #remap(
+    regions: WorkerRegionInit[],
+    addrs: WorkerRingAddresses,
+    usedLog: WorkerUsedLog | null,
+  ): void {
     const ring = this.#ring!;
     let mapped: Region[];
     try {
@@ -267,11 +292,15 @@ class RingWorker {
     const old = this.#regions;
     try {
       const mem = new GuestMemory(mapped);
+      // The log mapping is the worker's own and outlives any memory table: attach it as is.
+      mem.log = this.#log;
       // LIFETIME: the ring is rebuilt over the new mappings before the old ones are unmapped.
-      ring.queue = buildQueue(this.#init, mem, addrs, ring.queue.getBase());
+      ring.queue = buildQueue(this.#init, mem, addrs, ring.queue.getBase(), usedLog);
       if (this.#spinning) ring.queue.setNotification(false);
       ring.memory = mem;
       this.#regions = mapped;
+      this.#addrs = addrs;
+      this.#usedLog = usedLog;
     } catch (err) {
       for (const r of mapped) unmapRegion(r);
       this.#break(`remap: ${err instanceof Error ? err.message : String(err)}`);
@@ -282,10 +311,50 @@ class RingWorker {
     this.#schedule();
   }
 
+  /** Log the new way: map `log` (or stop logging), rebuild the ring if `usedLog` changed. */
+  #setLog(log: WorkerLogInit | null, usedLog: WorkerUsedLog | null): void {
+    const ring = this.#ring!;
+    let next: DirtyLog | null = null;
+    try {
+      if (log) next = mapWorkerLog(log);
+    } catch (err) {
+      this.#break(`log: ${err instanceof Error ? err.message : String(err)}`);
+      return;
+    }
+    const old = this.#log;
+    // ORDERING: the setter flushes the marks batched in the old log before the first write
+    // is marked in the new one; the old mapping goes only after that flush.
+    ring.memory.log = next;
+    this.#log = next;
+    if (old) unmapDirtyLog(old);
+    const changed = usedLog?.logGuestAddr !== this.#usedLog?.logGuestAddr;
+    this.#usedLog = usedLog;
+    if (changed) {
+      try {
+        ring.queue = buildQueue(
+          this.#init,
+          ring.memory,
+          this.#addrs,
+          ring.queue.getBase(),
+          usedLog,
+        );
+        if (this.#spinning) ring.queue.setNotification(false);
+      } catch (err) {
+        this.#break(`log: ${err instanceof Error ? err.message : String(err)}`);
+        return;
+      }
+    }
+    this.#post({ type: "logged" });
+    this.#schedule();
+  }
+
   #stop(): void {
     const ring = this.#ring!;
     // The handler is synchronous: between turns nothing is in flight.
     ring.flush();
+    // Every mark reaches the log before the position is answered: the front-end's last log
+    // sync follows GET_VRING_BASE.
+    this.#log?.flush();
     // The next start (main thread or a new worker) relies on kicks: ask for them again.
     this.#endSpin();
     const base = ring.queue.getBase();
@@ -320,6 +389,11 @@ class RingWorker {
     }
     for (const r of this.#regions) unmapRegion(r);
     this.#regions = [];
+    if (this.#log) {
+      if (ring) ring.memory.log = null;
+      unmapDirtyLog(this.#log);
+    }
+    this.#log = null;
     this.#port.close();
   }
 

@@ -51,7 +51,7 @@ import type {
   VhostUserDevice,
   WorkerQueueSpec,
 } from "./device.js";
-import type { WorkerRegionInit } from "./worker-queue.js";
+import type { WorkerLogInit, WorkerRegionInit } from "./worker-queue.js";
 
 /** Number of memory slots reported by GET_MAX_MEM_SLOTS. */
 export const BACKEND_MAX_MEM_SLOTS = 32;
@@ -165,6 +165,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #memory: GuestMemory | null = null;
   #dirtyLog: DirtyLog | null = null;
   #logFd = -1;
+  /**
+   * The SET_LOG_BASE fd with its offset and size, kept open while the device has worker
+   * queues: each worker maps the log from a dup of it.
+   */
+  #logSource: { fd: number; offset: number; size: number } | null = null;
   #backendChannel: Channel<"backend-req"> | null = null;
   #closed = false;
   #queue: Promise<void> = Promise.resolve();
@@ -268,15 +273,12 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
 
   /** @returns the features this back-end offers in GET_FEATURES */
   offeredFeatures(): bigint {
-    const f = this.device.features | FRAMEWORK_FEATURES;
-    // Worker rings do not mark the dirty log: no live migration for such a device.
-    return this.device.hasWorkerQueues ? f & ~featureMask(VirtioFeature.LOG_ALL) : f;
+    return this.device.features | FRAMEWORK_FEATURES;
   }
 
   /** @returns the protocol features this back-end offers */
   offeredProtocolFeatures(): bigint {
     let pf = FRAMEWORK_PROTOCOL_FEATURES | (this.device.protocolFeatures ?? 0n);
-    if (this.device.hasWorkerQueues) pf &= ~featureMask(ProtocolFeature.LOG_SHMFD);
     if (this.device.getConfig) pf |= featureMask(ProtocolFeature.CONFIG);
     if (this.device.saveState && this.device.loadState) {
       pf |= featureMask(ProtocolFeature.DEVICE_STATE);
@@ -343,6 +345,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   workerSpec(index: number): WorkerQueueSpec | null {
     if (!this.device.hasWorkerQueues || !this.device.workerQueue) return null;
     return this.device.workerQueue(index);
+  }
+
+  /**
+   * @returns while VHOST_F_LOG_ALL is on, the dirty log with a fresh dup of its fd (the
+   *   QueueWorker it is handed to closes it); else null
+   */
+  workerLog(): WorkerLogInit | null {
+    const src = this.#logSource;
+    if (!src || !this.#dirtyLog || !hasFeature(this.#features, VirtioFeature.LOG_ALL)) return null;
+    return { fd: native.dup(src.fd), offset: src.offset, size: src.size };
   }
 
   /** @returns the current regions, each with a fresh dup of its fd (the worker closes it) */
@@ -475,7 +487,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         return;
 
       case FrontendRequest.SET_FEATURES:
-        this.#setFeatures(msg, msg.payload);
+        await this.#setFeatures(msg, msg.payload);
         this.#ok(msg);
         return;
 
@@ -532,7 +544,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         return;
 
       case FrontendRequest.SET_LOG_BASE:
-        this.#setLogBase(msg);
+        await this.#setLogBase(msg);
         return;
 
       case FrontendRequest.SET_LOG_FD: {
@@ -580,8 +592,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         }
         vring.addr = addr;
         if (vring.started) {
-          // Logging toggled during migration, or the ring moved: rebuild over the same base.
-          vring.rebuild();
+          // Logging toggled during migration, or the ring moved: rebuild over the same base
+          // (a worker ring answers once it uses the new addresses and log flag).
+          if (vring.worker) await vring.remapWorker();
+          else vring.rebuild();
         } else {
           vring.broken = null;
         }
@@ -763,7 +777,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
   }
 
-  #setFeatures(msg: FrontendMessage, features: bigint): void {
+  async #setFeatures(msg: FrontendMessage, features: bigint): Promise<void> {
     const unknown = features & ~this.offeredFeatures();
     if (unknown !== 0n) throw badField(msg.name, "features", unknown, "features not offered");
     const wasLogging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
@@ -781,7 +795,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     const logging = hasFeature(features, VirtioFeature.LOG_ALL);
     if (logging !== wasLogging) {
       this.log.info(`${this.name}: dirty logging ${logging ? "on" : "off"}`);
-      this.#applyLog();
+      await this.#applyLog();
       // The start of logging is the hint that a migration begins; its end without a saved
       // state means the migration was cancelled (vhost-user: "Migrating back-end state").
       if (logging) {
@@ -813,13 +827,26 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     );
   }
 
-  /** Attach the log to guest memory while LOG_ALL is negotiated, detach it otherwise. */
-  #applyLog(): void {
+  /** Attach the log to the session's guest memory while LOG_ALL is on, detach it otherwise. */
+  #attachLog(): void {
     const logging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
     if (this.#memory) this.#memory.log = logging ? this.#dirtyLog : null;
   }
 
-  #setLogBase(msg: FrontendMessage & { request: FrontendRequest.SET_LOG_BASE }): void {
+  /**
+   * Attach the log to guest memory while LOG_ALL is negotiated, detach it otherwise; worker
+   * rings map it (or drop theirs) in their thread.
+   * @returns resolves once every worker ring logs the new way
+   */
+  #applyLog(): Promise<void> {
+    this.#attachLog();
+    const workers = this.vrings.filter((v) => v.worker !== null);
+    return Promise.all(workers.map((v) => v.relogWorker())).then(() => undefined);
+  }
+
+  async #setLogBase(
+    msg: FrontendMessage & { request: FrontendRequest.SET_LOG_BASE },
+  ): Promise<void> {
     this.#requireProtocol(msg, ProtocolFeature.LOG_SHMFD);
     const fd = msg.fds[0];
     if (fd === undefined) {
@@ -830,13 +857,20 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       });
     }
     let log: DirtyLog;
+    let keep = false;
     try {
       const size = toNumber(msg.payload.mmapSize, msg.name, "mmap_size");
       const offset = toNumber(msg.payload.mmapOffset, msg.name, "mmap_offset");
       if (size === 0) throw badField(msg.name, "mmap_size", 0, "empty log");
       log = mapDirtyLog(fd, offset, size);
+      if (this.device.hasWorkerQueues) {
+        // Worker rings map the log themselves, from dups of this fd.
+        if (this.#logSource) native.close(this.#logSource.fd);
+        this.#logSource = { fd, offset, size };
+        keep = true;
+      }
     } finally {
-      native.close(fd);
+      if (!keep) native.close(fd);
     }
     const end = this.#memory?.end ?? 0;
     if (log.pages * LOG_PAGE_SIZE < end) {
@@ -852,8 +886,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     // flushed (pending marks land in it) and unmapped.
     const old = this.#dirtyLog;
     this.#dirtyLog = log;
-    this.#applyLog();
+    // Worker rings have their own mappings of the logs: the old one can go at once.
+    const relogged = this.#applyLog();
     if (old) unmapDirtyLog(old);
+    await relogged;
     this.log.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
     this.channel.reply(msg.request, { value: 0n, log: null });
   }
@@ -1016,7 +1052,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     // thread; the request is acknowledged once they did.
     this.#regions = regions;
     this.#memory = memory;
-    this.#applyLog();
+    // Worker rings keep their own log mapping across memory tables.
+    this.#attachLog();
     const remaps: Promise<void>[] = [];
     for (const v of this.vrings) {
       if (v.worker) remaps.push(v.remapWorker());
@@ -1243,6 +1280,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#memory = null;
     if (this.#dirtyLog) unmapDirtyLog(this.#dirtyLog);
     this.#dirtyLog = null;
+    if (this.#logSource) native.close(this.#logSource.fd);
+    this.#logSource = null;
     if (this.#logFd >= 0) native.close(this.#logFd);
     this.#logFd = -1;
     this.log.info(`${this.name}: front-end disconnected`);

@@ -16,7 +16,12 @@ import type { DeviceQueue, DescChain, QueueBase } from "../virtq/types.js";
 import { readChain, writeChain } from "../virtq/chain-io.js";
 import type { BackendQueue, Logger, WorkerQueueSpec } from "./device.js";
 import { QueueWorker } from "./worker-queue.js";
-import type { WorkerRegionInit, WorkerRingAddresses } from "./worker-queue.js";
+import type {
+  WorkerLogInit,
+  WorkerRegionInit,
+  WorkerRingAddresses,
+  WorkerUsedLog,
+} from "./worker-queue.js";
 
 /**
  * An example value for adaptive polling (`pollTurns`), not a recommendation: event-loop turns a
@@ -57,6 +62,8 @@ export interface VringHost {
   workerSpec(index: number): WorkerQueueSpec | null;
   /** the current memory regions with a dup of each region's fd, for a worker */
   workerRegions(): WorkerRegionInit[];
+  /** the dirty log with a dup of its fd while VHOST_F_LOG_ALL is on, for a worker; else null */
+  workerLog(): WorkerLogInit | null;
   /** adaptive polling: idle turns before notifications are asked for again (0: off) */
   readonly pollTurns: number;
 }
@@ -303,12 +310,6 @@ export class Vring implements BackendQueue {
       const q = this.#buildQueue(mem);
       spec = this.#host.workerSpec(this.index);
       if (spec) {
-        if (this.addr.log) {
-          throw new Error(
-            "SET_VRING_ADDR asks for used-ring logging (VHOST_VRING_F_LOG), " +
-              "which worker queues do not support",
-          );
-        }
         this.#startWorker(spec, mem);
       } else {
         this.#queue = q;
@@ -350,6 +351,7 @@ export class Vring implements BackendQueue {
     const fmt = this.#host.format();
     const ring = this.#ringGpas(mem);
     const regions = this.#host.workerRegions();
+    const log = this.#host.workerLog();
     const kick = this.kickFd >= 0 ? native.dup(this.kickFd) : -1;
     const call = this.callFd >= 0 ? native.dup(this.callFd) : -1;
     this.#stopKickWatch();
@@ -367,6 +369,8 @@ export class Vring implements BackendQueue {
         kickFd: kick,
         callFd: call,
         enabled: this.#enabled,
+        log,
+        usedLog: this.#usedLog(),
         pollTurns: this.#host.pollTurns,
         module: spec.module,
         options: spec.options,
@@ -472,7 +476,24 @@ export class Vring implements BackendQueue {
       this.markBroken(err instanceof Error ? err.message : String(err));
       return;
     }
-    await worker.remap(this.#host.workerRegions(), ring);
+    await worker.remap(this.#host.workerRegions(), ring, this.#usedLog());
+  }
+
+  /** VHOST_VRING_F_LOG of the ring as a worker takes it. */
+  #usedLog(): WorkerUsedLog | null {
+    return this.addr?.log ? { logGuestAddr: this.addr.logGuestAddr } : null;
+  }
+
+  /**
+   * Tell a worker ring how to log now (VHOST_F_LOG_ALL on or off, a new log from SET_LOG_BASE,
+   * the ring's VHOST_VRING_F_LOG changed): resolves once the worker marks the new way. A no-op
+   * for other rings (they use the session's memory, whose log the session swaps).
+   * @returns resolves when done (a failure marks the ring broken)
+   */
+  async relogWorker(): Promise<void> {
+    const worker = this.#worker;
+    if (!worker) return;
+    await worker.setLog(this.#host.workerLog(), this.#usedLog());
   }
 
   /**

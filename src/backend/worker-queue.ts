@@ -19,8 +19,11 @@
  * whatever the way it ended (stop, broken ring, error, termination after a timeout). The
  * worker never closes an fd it was sent, so no fd number is closed twice.
  *
- * Dirty logging is refused: a device with worker queues is not offered VHOST_F_LOG_ALL (nor
- * LOG_SHMFD), and a worker ring whose SET_VRING_ADDR asks for used-ring logging is broken.
+ * Dirty logging (vhost-user: "Migration"): while VHOST_F_LOG_ALL is on, the worker maps the
+ * log from a dup of the SET_LOG_BASE fd and marks every write it makes, with the used ring
+ * logged at log_guest_addr when VHOST_VRING_F_LOG is set. A change of log, of LOG_ALL or of
+ * the ring's log flag is a `log` message (or part of `remap`), answered once the worker marks
+ * the new way: the request that caused it is acknowledged only then.
  */
 import { Worker } from "node:worker_threads";
 import { native } from "../native.js";
@@ -39,6 +42,22 @@ export interface WorkerRegionInit {
   uaddr: number;
   /** offset of the first byte in the fd */
   mmapOffset: number;
+}
+
+/** A dirty log for a worker to map; `fd` is a dup owned by the {@link QueueWorker}. */
+export interface WorkerLogInit {
+  /** the log's fd (a dup of the SET_LOG_BASE fd) */
+  fd: number;
+  /** mmap offset of the log in the fd */
+  offset: number;
+  /** log size in bytes */
+  size: number;
+}
+
+/** VHOST_VRING_F_LOG: the used ring is logged at this guest-physical address. */
+export interface WorkerUsedLog {
+  /** log_guest_addr of SET_VRING_ADDR */
+  logGuestAddr: number;
 }
 
 /** The ring's guest-physical addresses (split: desc/avail/used; packed: desc/driver/device). */
@@ -75,6 +94,10 @@ export interface WorkerInit {
   callFd: number;
   /** SET_VRING_ENABLE state */
   enabled: boolean;
+  /** the dirty log to mark while VHOST_F_LOG_ALL is on, or null */
+  log: WorkerLogInit | null;
+  /** VHOST_VRING_F_LOG of the ring, or null */
+  usedLog: WorkerUsedLog | null;
   /** adaptive polling turns (see `BackendSessionOptions.pollTurns`) */
   pollTurns: number;
   /** the handler module (URL) */
@@ -91,13 +114,20 @@ export type ToWorker =
   | { type: "call"; fd: number }
   | { type: "kick"; fd: number }
   | { type: "poke" }
-  | { type: "remap"; regions: WorkerRegionInit[]; ring: WorkerRingAddresses }
+  | {
+      type: "remap";
+      regions: WorkerRegionInit[];
+      ring: WorkerRingAddresses;
+      usedLog: WorkerUsedLog | null;
+    }
+  | { type: "log"; log: WorkerLogInit | null; usedLog: WorkerUsedLog | null }
   | { type: "stop" };
 
 /** Messages from a worker to the main thread. */
 export type FromWorker =
   | { type: "started" }
   | { type: "remapped" }
+  | { type: "logged" }
   | { type: "stopped"; base: QueueBase; kicks: number; calls: number }
   | { type: "broken"; reason: string; base: QueueBase | null };
 
@@ -151,8 +181,12 @@ export class QueueWorker {
   #stopping: Promise<QueueBase | null> | null = null;
   /** every fd sent to the worker and not closed yet */
   readonly #owned = new Set<number>();
-  /** region fds of the start (first) and of each remap not answered yet, in order */
-  readonly #regionFds: number[][] = [];
+  /**
+   * Fds of the start (regions and log) and of each remap or log change not answered yet, in
+   * order: the worker answers in the order it was asked, and an answer means it has mapped
+   * them, so the oldest group can be closed.
+   */
+  readonly #fdGroups: number[][] = [];
   /** resolves with the exit code when the thread has ended */
   readonly exited: Promise<number>;
   /** kicks the worker consumed, as of its stop */
@@ -172,9 +206,10 @@ export class QueueWorker {
     this.index = init.index;
     this.#log = log;
     this.#events = events;
-    const regionFds = init.regions.map((r) => r.fd);
-    for (const fd of [...regionFds, init.kickFd, init.callFd]) if (fd >= 0) this.#owned.add(fd);
-    this.#regionFds.push(regionFds);
+    const mapped = init.regions.map((r) => r.fd);
+    if (init.log) mapped.push(init.log.fd);
+    for (const fd of [...mapped, init.kickFd, init.callFd]) if (fd >= 0) this.#owned.add(fd);
+    this.#fdGroups.push(mapped);
     try {
       this.#worker = new Worker(new URL("./queue-worker.js", import.meta.url), {
         workerData: init,
@@ -203,12 +238,12 @@ export class QueueWorker {
   #closeOwned(): void {
     for (const fd of this.#owned) native.close(fd);
     this.#owned.clear();
-    this.#regionFds.length = 0;
+    this.#fdGroups.length = 0;
   }
 
-  /** Close the region fds of the oldest start/remap: the worker has mapped (or dropped) them. */
-  #releaseRegionFds(): void {
-    for (const fd of this.#regionFds.shift() ?? []) {
+  /** Close the fds of the oldest start/remap/log: the worker has mapped (or dropped) them. */
+  #releaseFdGroup(): void {
+    for (const fd of this.#fdGroups.shift() ?? []) {
       if (this.#owned.delete(fd)) native.close(fd);
     }
   }
@@ -227,11 +262,11 @@ export class QueueWorker {
       return;
     }
     if (m.type === "started") {
-      this.#releaseRegionFds();
+      this.#releaseFdGroup();
       this.#log.debug(`queue ${this.index}: worker running`);
       return;
     }
-    if (m.type === "remapped") this.#releaseRegionFds();
+    if (m.type === "remapped" || m.type === "logged") this.#releaseFdGroup();
     if (m.type === "stopped") {
       this.kicks = m.kicks;
       this.calls = m.calls;
@@ -327,23 +362,49 @@ export class QueueWorker {
 
   /**
    * Move the worker to new guest memory: it maps `regions`, rebuilds the ring at its current
-   * position over `ring`, and unmaps the old regions before answering.
+   * position over `ring` (with `usedLog`), and unmaps the old regions before answering.
    * @param regions the new memory table, fds dup'ed for the worker (owned here from now on)
    * @param ring the ring addresses translated in the new memory
+   * @param usedLog VHOST_VRING_F_LOG of the ring, or null
    * @returns true when the worker uses the new memory; false when it broke, failed or timed
    *   out (the ring is then reported broken through the broken callback)
    */
-  async remap(regions: WorkerRegionInit[], ring: WorkerRingAddresses): Promise<boolean> {
+  async remap(
+    regions: WorkerRegionInit[],
+    ring: WorkerRingAddresses,
+    usedLog: WorkerUsedLog | null,
+  ): Promise<boolean> {
+    return this.#askWithFds(
+      regions.map((r) => r.fd),
+      { type: "remap", regions, ring, usedLog },
+      "remapped",
+    );
+  }
+
+  /**
+   * Change how the worker logs its writes (VHOST_F_LOG_ALL turned on or off, SET_LOG_BASE while
+   * logging): it maps `log`, marks into it from its next write on, flushes and unmaps the old
+   * one, and rebuilds the ring when `usedLog` changed, before answering.
+   * @param log the log to mark (fd dup'ed for the worker, owned here from now on), or null
+   * @param usedLog VHOST_VRING_F_LOG of the ring, or null
+   * @returns true once the worker logs the new way; false when it broke, failed or timed out
+   *   (the ring is then reported broken through the broken callback)
+   */
+  async setLog(log: WorkerLogInit | null, usedLog: WorkerUsedLog | null): Promise<boolean> {
+    return this.#askWithFds(log ? [log.fd] : [], { type: "log", log, usedLog }, "logged");
+  }
+
+  /** Send a message carrying fds (owned here from now on) and wait for its answer. */
+  async #askWithFds(fds: number[], m: ToWorker, answer: "remapped" | "logged"): Promise<boolean> {
     if (this.#done) {
-      for (const r of regions) native.close(r.fd);
+      for (const fd of fds) native.close(fd);
       return false;
     }
-    const fds = regions.map((r) => r.fd);
     for (const fd of fds) this.#owned.add(fd);
-    this.#regionFds.push(fds);
-    const answer = await this.#ask({ type: "remap", regions, ring }, "remapped");
-    if (answer.type !== "remapped") {
-      this.#reportBroken(`remap: ${answer.type === "broken" ? answer.reason : answer.type}`, null);
+    this.#fdGroups.push(fds);
+    const got = await this.#ask(m, answer);
+    if (got.type !== answer) {
+      this.#reportBroken(`${m.type}: ${got.type === "broken" ? got.reason : got.type}`, null);
       return false;
     }
     return true;
