@@ -180,11 +180,11 @@ test("migration between two vhostkit switches: descriptors exactly once, RAM ide
     const src = await startFrontend(join(dir, "a.sock"));
     fes.push(src.fe);
     rams.push(src.ram);
-    const total = 3000;
+    // No limit: the source sends until it is paused at the stop, however long pre-copy takes,
+    // so that the destination always has frames left to send.
     const gen = new SeqTrafficGuest(src.fe, {
       dstMac: R_MAC,
       srcMac: F_MAC,
-      limit: total,
       burst: 16,
       record: true,
     });
@@ -245,10 +245,15 @@ test("migration between two vhostkit switches: descriptors exactly once, RAM ide
     const gen2 = SeqTrafficGuest.restore(dst.frontend, dst.guestState);
     gen2.start();
     gens.push(gen2);
-    await until("the destination finished", () => gen2.finished);
-    await until("the peers received", () => peerA.received + peerB.received >= total - 256, 4000);
+    const target = gen.nextSeq + 1000;
+    await until(
+      "the destination sent 1000 more",
+      () => gen2.completed > 0 && gen2.nextSeq >= target,
+    );
     gen2.stop();
-    gen2.drain();
+    await until("the destination drained", () => gen2.drain() === 0);
+    const total = gen2.nextSeq;
+    await until("the peers received", () => peerA.received + peerB.received >= total - 256, 4000);
     // Descriptors: each sequence number completed exactly once, on one side or the other.
     assertExactlyOnce([...gen.completedSeqs, ...gen2.completedSeqs], total, "TX completions");
     assert.ok(gen2.completedSeqs.length > 0 && gen.completedSeqs.length > 0);
@@ -577,6 +582,51 @@ test("fault: the destination really killed mid-stream (receiveMigration aborted)
     );
     await until("destination gave up", () => destErr !== null);
     await expectResumed(p, err);
+    assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
+  } finally {
+    server?.close();
+    p.close();
+  }
+});
+
+test("fault: the source back-end dies during pre-copy; the migration fails, the destination releases everything", async () => {
+  const p = await statefulPair();
+  let server: Server | null = null;
+  try {
+    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    let destErr: unknown = null;
+    const l = await listen((s) => {
+      receiveMigration({
+        stream: s,
+        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
+      }).catch((e: unknown) => {
+        destErr = e;
+      });
+    });
+    server = l.server;
+    let killed = false;
+    const err = await migrateSource({
+      frontend: p.fe,
+      stream: await connect(l.port),
+      guest: p.gen,
+      onProgress: (pr) => {
+        if (pr.phase === "precopy" && !killed) {
+          // The back-end process goes away while pages stream: its writes since the last
+          // log sync are lost to the log, so nothing may switch over.
+          killed = true;
+          p.srvA.close();
+        }
+      },
+    }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    assert.equal(killed, true, "the back-end was killed during pre-copy");
+    assert.ok(err instanceof MigrationError, `MigrationError expected, got ${String(err)}`);
+    assert.equal(err.sourceResumed, false, "no back-end left to resume");
+    assert.match(err.message, /during precopy/, err.message);
+    await until("destination gave up", () => destErr !== null);
+    assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
   } finally {
     server?.close();

@@ -205,6 +205,9 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
   const fe = options.frontend;
   const ram = fe.ram;
   if (ram === null) throw new MigrationError("setup", new Error("no guest RAM shared"), true);
+  if (fe.closed) {
+    throw new MigrationError("setup", new Error("the source back-end is disconnected"), false);
+  }
   const stream = options.stream;
   const reader = new SectionReader(stream);
   const maxIter = options.maxIterations ?? 30;
@@ -273,6 +276,10 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     if (abort) reject(abort);
   });
   aborted.catch(() => undefined);
+  // The source back-end going away fails the migration at once: the writes it made since the
+  // last log fetch are lost to the log, so no later pass could be complete.
+  const onBackendClose = (): void => fail(new Error("the source back-end disconnected"));
+  fe.once("close", onBackendClose);
   // Only stream I/O and waits for the destination race the abort: a front-end request
   // (dirty logging, GET_VRING_BASE, the back-end state) always runs to its end (each has its
   // own request timeout), so that the rollback sees what it did; `checkAbort` follows it.
@@ -501,6 +508,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     await guard(send(encodeSection(SectionType.END, end)));
     await guardFor(done, options.doneTimeoutMs ?? 20_000, "DONE");
     const tDone = performance.now();
+    fe.off("close", onBackendClose);
 
     // --- switch-over happened: the destination runs the device.
     ram.trackDirty(false);
@@ -533,6 +541,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       memoryHash: hash?.toString("hex") ?? null,
     };
   } catch (err) {
+    fe.off("close", onBackendClose);
     progress("failed", 0, 0);
     stream.destroy();
     let resumed = true;
@@ -555,6 +564,8 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       ram.trackDirty(false);
       if (paused) options.guest?.resume();
     }
+    // Nothing resumes without a back-end (it disconnected, or the rollback closed it).
+    if (fe.closed) resumed = false;
     throw new MigrationError(phase, err, resumed);
   }
 }
