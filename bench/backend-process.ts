@@ -3,9 +3,10 @@
  * and answers `stats` on stdin with one JSON line of counters. Prints `listening` when ready.
  *
  * usage: node dist/bench/backend-process.js --socket PATH --mode sink|source|echo
- *        [--frame-len N] [--queue-pairs N] [--worker] [--poll-turns N]
+ *        [--frame-len N] [--queue-pairs N] [--worker] [--poll-turns N] [--busy-poll US]
  *
  * `--worker`: the data queues run in worker threads (NetTestDevice `workerQueues`).
+ * `--busy-poll US`: busy polling on the main thread (`busyPollMicros`).
  */
 import { createInterface } from "node:readline";
 import { serveBackend } from "../src/backend/server.js";
@@ -26,9 +27,11 @@ const device = new NetTestDevice({
   workerQueues: process.argv.includes("--worker"),
 });
 const pollTurns = process.argv.includes("--poll-turns") ? Number(arg("poll-turns")) : undefined;
+const busyPoll = process.argv.includes("--busy-poll") ? Number(arg("busy-poll")) : undefined;
 const server = serveBackend(device, {
   path: arg("socket"),
   ...(pollTurns !== undefined ? { pollTurns } : {}),
+  ...(busyPoll !== undefined ? { busyPollMicros: busyPoll } : {}),
 });
 process.stdout.write("listening\n");
 const rl = createInterface({ input: process.stdin });

@@ -4,11 +4,13 @@
  * `rxonly`. One polling core each; runs alternate; prints the ratio vhostkit / DPDK.
  *
  * usage: node dist/bench/vs-dpdk.js [--seconds 3] [--sizes 64,1500] [--repeat 3]
- *        [--variants main,worker]
+ *        [--variants main,busy,worker]
  *
- * `--variants`: `main` (default) processes the rings on the Node main thread; `worker` runs
- * the data queue (TX in the sink, RX in the source) in a worker thread
- * (NetTestDevice `workerQueues`). The back-end process is pinned to core 0 either way.
+ * `--variants`: `main` (default) processes the rings on the Node main thread; `busy` does too,
+ * with busy polling (`busyPollMicros` 50: the core spins while traffic flows, as DPDK's vhost
+ * PMD always does); `worker` runs the data queue (TX in the sink, RX in the source) in a
+ * worker thread (NetTestDevice `workerQueues`). The back-end process is pinned to core 0
+ * whichever it is.
  */
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
@@ -20,7 +22,10 @@ import type { BackendCounters, BackendFactory } from "./dpdk-baseline.js";
 const here = fileURLToPath(new URL(".", import.meta.url));
 
 /** The ways the vhostkit back-end can run its data path. */
-export type Variant = "main" | "worker";
+export type Variant = "main" | "busy" | "worker";
+
+/** busyPollMicros of the `busy` variant. */
+const BUSY_POLL_MICROS = 50;
 
 /**
  * vhostkit's NetTestDevice in a child process pinned to core 0 (DPDK's vhost PMD polls there
@@ -53,6 +58,7 @@ export const vhostkitBackend =
         "--frame-len",
         String(ctx.frameLen),
         ...(variant === "worker" ? ["--worker"] : []),
+        ...(variant === "busy" ? ["--busy-poll", String(BUSY_POLL_MICROS)] : []),
         ...scriptArgs,
       ],
       { stdio: ["pipe", "pipe", "inherit"] },
@@ -106,8 +112,8 @@ function takeVariants(argv: readonly string[]): { variants: Variant[]; rest: str
   const v = rest[i + 1] ?? "";
   rest.splice(i, 2);
   const variants = v.split(",").map((x) => {
-    if (x !== "main" && x !== "worker") {
-      throw new Error(`--variants: unknown variant ${JSON.stringify(x)} (main, worker)`);
+    if (x !== "main" && x !== "busy" && x !== "worker") {
+      throw new Error(`--variants: unknown variant ${JSON.stringify(x)} (main, busy, worker)`);
     }
     return x;
   });
@@ -128,7 +134,13 @@ async function main(): Promise<void> {
       repeat,
     });
     console.log(
-      `\nvariant ${variant}: rings on the ${variant === "main" ? "main thread" : "worker thread"}`,
+      `\nvariant ${variant}: ${
+        variant === "worker"
+          ? "the data ring in a worker thread"
+          : variant === "busy"
+            ? `rings on the main thread, busy polling ${BUSY_POLL_MICROS} us`
+            : "rings on the main thread"
+      }`,
     );
     console.log("direction                 frame   DPDK Mpps  vhostkit Mpps  vhostkit/DPDK");
     for (const r of results) {

@@ -6,8 +6,11 @@
  * disconnect; dirty logging is offered (the worker marks the log: test/migration-dirty-log).
  */
 import { test } from "node:test";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setImmediate as nextTurn } from "node:timers/promises";
@@ -133,6 +136,7 @@ async function transmit(
 }
 
 const FEATURES = featureSet(VirtioFeature.VERSION_1, VirtioFeature.RING_EVENT_IDX);
+const here = fileURLToPath(new URL(".", import.meta.url));
 
 interface Setup {
   server: BackendServer;
@@ -149,7 +153,7 @@ interface Setup {
 async function setup(
   name: string,
   packed: boolean,
-  opts: { workerQueues?: boolean; pollTurns?: number } = {},
+  opts: { workerQueues?: boolean; pollTurns?: number; busyPollMicros?: number } = {},
 ): Promise<Setup> {
   const path = socketPath();
   const log = new Lines();
@@ -158,6 +162,7 @@ async function setup(
     path,
     logger: log,
     ...(opts.pollTurns !== undefined ? { pollTurns: opts.pollTurns } : {}),
+    ...(opts.busyPollMicros !== undefined ? { busyPollMicros: opts.busyPollMicros } : {}),
   });
   const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 8000 });
   await until(() => server.session !== null, "the session");
@@ -304,6 +309,80 @@ for (const workerQueues of [false, true]) {
     });
   }
 }
+
+for (const packed of [false, true]) {
+  test(`busy polling (busyPollMicros) in a back-end process, ${packed ? "packed" : "split"}: kicks suppressed while polling, exact count across pauses, the loop ends when idle`, async () => {
+    const path = socketPath();
+    const child = spawn(
+      process.execPath,
+      [join(here, "fixtures", "busy-sink-child.js"), path, "1000"],
+      { stdio: ["pipe", "pipe", "inherit"] },
+    );
+    const lines = createInterface({ input: child.stdout! });
+    const waiting: ((l: string) => void)[] = [];
+    lines.on("line", (l) => waiting.shift()?.(l));
+    const nextLine = (): Promise<string> => new Promise((resolve) => waiting.push(resolve));
+    const stats = async (): Promise<{ totalTx: number; spinning: boolean }> => {
+      const l = nextLine();
+      child.stdin!.write("stats\n");
+      return JSON.parse(await l) as { totalTx: number; spinning: boolean };
+    };
+    let fe: VhostUserFrontend | null = null;
+    const ram = GuestRam.create({ size: 4 << 20, name: `wq-busy-${process.pid}` });
+    try {
+      assert.equal(await nextLine(), "listening");
+      fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 8000 });
+      await fe.negotiate({
+        features: FEATURES | (packed ? featureSet(VirtioFeature.RING_PACKED) : 0n),
+      });
+      // A small TX ring: each refill is quick, well inside the idle window.
+      const [, tx] = await fe.start(ram, [256, 64]);
+      assert.ok(tx);
+      let sent = 0;
+      for (let round = 0; round < 4; round++) {
+        // Batches one event-loop turn apart: they land while the back-end polls.
+        await transmit(tx, 1000, sent, 10_000, nextTurn);
+        sent += 1000;
+        const deadline = Date.now() + 5000;
+        while ((await stats()).totalTx !== sent) {
+          if (Date.now() > deadline) assert.fail(`${sent} frames not counted`);
+          await sleep(1);
+        }
+        // Longer than the idle window: the loop has ended and asked for kicks again, or
+        // this frame would never be kicked through.
+        await sleep(30);
+        assert.equal((await stats()).spinning, false, "the polling loop ended when idle");
+        assert.notEqual(tx.addFrame(frame(sent)), null);
+        assert.equal(tx.kick(), true, "notifications asked for again once idle");
+        sent += 1;
+        const d2 = Date.now() + 5000;
+        while ((await stats()).totalTx !== sent) {
+          if (Date.now() > d2) assert.fail(`frame ${sent} not counted`);
+          await sleep(1);
+        }
+        tx.reclaim();
+      }
+      assert.equal((await stats()).totalTx, sent, "every frame counted once");
+      assert.ok(tx.stats.kicksSuppressed > 0, `kicks suppressed (${tx.stats.kicksSuppressed})`);
+    } finally {
+      fe?.close();
+      ram.close();
+      child.stdin!.end();
+      await new Promise((r) => child.once("exit", r));
+    }
+  });
+}
+
+test("serveBackend refuses busyPollMicros and pollTurns out of range before making a socket", () => {
+  const path = socketPath();
+  const device = new NetTestDevice({ mode: "sink" });
+  assert.throws(
+    () => serveBackend(device, { path, busyPollMicros: 5000 }),
+    /busyPollMicros must be in 0\.\.1000, got 5000/,
+  );
+  assert.throws(() => serveBackend(device, { path, pollTurns: -1 }), /pollTurns must be/);
+  assert.equal(existsSync(path), false, "no socket file made");
+});
 
 test("worker queue: a bad ring breaks only that queue (err eventfd), the worker exits", async () => {
   const name = `wq-bad-${process.pid}`;

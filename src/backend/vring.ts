@@ -31,6 +31,9 @@ import type {
  */
 export const SPIN_IDLE_TURNS = 64;
 
+/** Longest a busy-polling ring holds the event loop before it yields a turn (ms). */
+const BUSY_POLL_SLICE_MS = 1;
+
 /** Ring addresses as SET_VRING_ADDR gives them (front-end virtual addresses). */
 export interface VringAddresses {
   desc: number;
@@ -66,6 +69,8 @@ export interface VringHost {
   workerLog(): WorkerLogInit | null;
   /** adaptive polling: idle turns before notifications are asked for again (0: off) */
   readonly pollTurns: number;
+  /** busy polling: idle microseconds before notifications are asked for again (0: off) */
+  readonly busyPollMicros: number;
 }
 
 /**
@@ -117,6 +122,14 @@ export class Vring implements BackendQueue {
   constructor(index: number, host: VringHost) {
     this.index = index;
     this.#host = host;
+  }
+
+  /**
+   * @returns true while the ring is polled with driver notifications suppressed (busy polling
+   *   or adaptive polling)
+   */
+  get busyPolling(): boolean {
+    return this.#spinning;
   }
 
   /** @returns true while the ring is started */
@@ -242,8 +255,56 @@ export class Vring implements BackendQueue {
   #process(): void {
     const before = this.#pops;
     this.#host.process(this);
-    if (this.#pops !== before && this.#host.pollTurns > 0) this.#startSpin();
+    if (this.#pops === before) return;
+    if (this.#host.busyPollMicros > 0) this.#busyPoll(false);
+    else if (this.#host.pollTurns > 0) this.#startSpin();
   }
+
+  /**
+   * Busy polling (`busyPollMicros`): with driver notifications suppressed, look at the ring
+   * in a tight loop and let the device process what arrives, until no chain was taken for
+   * `busyPollMicros`; then ask for notifications again. The loop yields to the event loop
+   * every {@link BUSY_POLL_SLICE_MS} (protocol messages, other rings) and goes on after it.
+   * @param continuing true when called back after yielding
+   */
+  #busyPoll(continuing: boolean): void {
+    const q = this.#queue;
+    if (!q) return;
+    if (continuing) {
+      // Ended meanwhile (stop, rebuild, disconnect): #endSpin re-enabled notifications.
+      if (!this.#spinning) return;
+    } else {
+      if (this.#spinning) return;
+      this.#spinning = true;
+      q.setNotification(false);
+    }
+    const idleMs = this.#host.busyPollMicros / 1000;
+    const start = performance.now();
+    let lastWork = start;
+    for (;;) {
+      if (this.#queue !== q || !this.#started || this.broken) {
+        this.#endSpin();
+        return;
+      }
+      const now = performance.now();
+      // Progress is a chain taken, not a non-empty ring: a ring the device cannot drain
+      // (no frame to put in posted receive buffers) must not keep the loop going.
+      const pops = this.#pops;
+      if (q.hasAvailable()) this.#host.process(this);
+      if (this.#pops !== pops) lastWork = now;
+      else if (now - lastWork >= idleMs) break;
+      if (now - start >= BUSY_POLL_SLICE_MS) {
+        setImmediate(this.#busyPollTurn);
+        return;
+      }
+    }
+    this.#endSpin();
+    // ORDERING: notifications were re-enabled (a seq-cst store) before this look at the
+    // ring: a buffer published before the driver saw them enabled is found here.
+    if (this.#queue === q && q.hasAvailable()) this.#process();
+  }
+
+  readonly #busyPollTurn = (): void => this.#busyPoll(true);
 
   #startSpin(): void {
     this.#idleTurns = 0;
