@@ -148,6 +148,8 @@ test("cli: bad command lines get a clear error and exit status 2", () => {
     [["switch", "--socket", "/tmp/a", "extra"], /positional/i],
     [["switch", "--ageing", "-3"], /--ageing/],
     [["switch", "--mtu", "20"], /--mtu must be an integer in 68\.\.65535 \(got 20\)/],
+    [["switch", "--busy-poll", "0"], /--busy-poll must be an integer in 1\.\.1000 .*got 0/],
+    [["switch", "--busy-poll", "2000"], /--busy-poll must be .*got 2000/],
     [["stats", "--bogus"], /Unknown option '--bogus'/],
     [["migrate", "--bogus"], /--bogus/],
     [["switch", "--socket", "/tmp/a", "--uplink", "bogus:x"], /--uplink bogus:x: .*kind/],
@@ -194,6 +196,7 @@ test("cli: parseSwitchArgs defaults and the QEMU command line", () => {
       uplinks: 0,
       control: "/a.ctl",
       ageingMs: 1500,
+      busyPollMicros: 0,
       printQemu: false,
       verbose: false,
       help: false,
@@ -201,6 +204,7 @@ test("cli: parseSwitchArgs defaults and the QEMU command line", () => {
   );
   assert.throws(() => parseSwitchArgs(["--mac", "x"], {}), UsageError);
   assert.equal(parseSwitchArgs(["--mtu", "9000"], {}).mtu, 9000);
+  assert.equal(parseSwitchArgs(["--busy-poll", "50"], {}).busyPollMicros, 50);
   assert.match(
     qemuCommandLine({
       socket: "/s",

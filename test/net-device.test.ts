@@ -550,6 +550,37 @@ for (const packed of [false, true]) {
   }
 }
 
+test("device: ports with busy polling forward every frame once and stop polling when idle", async () => {
+  const b = bench();
+  try {
+    const [pa, pb] = ["a", "b"].map((n) => b.add(n, { busyPollMicros: 200 })) as [
+      VhostUserPort,
+      VhostUserPort,
+    ];
+    const A = await attach(b, pa, { name: "a", features: BASE });
+    const B = await attach(b, pb, { name: "b", features: BASE });
+    for (const g of [A, B]) g.refill();
+    await until(() => [pa, pb].every((p) => p.device.up), "ports up");
+    await B.send([ethFrame(BCAST, mac(0xb), 1)]);
+    await expectCount(A, 1, "A got B's broadcast");
+    A.clear();
+    const frames = Array.from({ length: 500 }, (_, i) =>
+      ethFrame(mac(0xb), mac(0xa), 100 + i, 60 + ((i * 37) % 1450)),
+    );
+    await transfer(A, [B], frames);
+    await expectCount(B, 500, "B got A's unicast");
+    assertSame(B.frames(), frames, "A -> B unicast under busy polling");
+    await sleep(20);
+    const rings = [pa, pb].flatMap((p) => p.server.session?.vrings ?? []);
+    assert.ok(
+      rings.every((v) => !v.busyPolling),
+      "every ring asked for kicks again once idle",
+    );
+  } finally {
+    b.close();
+  }
+});
+
 test("device: two queue pairs (MQ): flows use both pairs; VQ_PAIRS_SET over the control queue", async () => {
   const b = bench();
   try {

@@ -50,6 +50,8 @@ options:
                     learns VTEPs from any sender, not only the remotes)
   --control PATH    statistics socket for \`vhostkit stats\` (default: <first socket>.ctl)
   --ageing SECONDS  forget a MAC not seen for this long (default 300)
+  --busy-poll US    keep polling a port's rings until idle for US microseconds, 1..1000,
+                    instead of waiting for kicks (spends a core for latency; default off)
   --print-qemu      print the QEMU command line for every port
   --verbose         debug logs
   --help            this text
@@ -69,6 +71,8 @@ export interface SwitchCommandOptions {
   uplinks: string[];
   control: string;
   ageingMs: number;
+  /** busy polling of every port (microseconds), or 0 (off) */
+  busyPollMicros: number;
   printQemu: boolean;
   verbose: boolean;
   help: boolean;
@@ -106,6 +110,7 @@ export function parseSwitchArgs(
         uplink: { type: "string", multiple: true },
         control: { type: "string" },
         ageing: { type: "string" },
+        "busy-poll": { type: "string" },
         "print-qemu": { type: "boolean" },
         verbose: { type: "boolean", short: "v" },
         help: { type: "boolean", short: "h" },
@@ -148,6 +153,13 @@ export function parseSwitchArgs(
   if (!/^\d+(\.\d+)?$/.test(aText) || !(Number(aText) >= 0.001)) {
     throw new UsageError(`--ageing must be a number of seconds >= 0.001 (got ${aText})`);
   }
+  const bText = v["busy-poll"] ?? "0";
+  if (
+    !/^\d+$/.test(bText) ||
+    (v["busy-poll"] !== undefined && (Number(bText) < 1 || Number(bText) > 1000))
+  ) {
+    throw new UsageError(`--busy-poll must be an integer in 1..1000 microseconds (got ${bText})`);
+  }
   if (v.control === "") throw new UsageError("--control: empty path");
   return {
     sockets,
@@ -159,6 +171,7 @@ export function parseSwitchArgs(
     uplinks: v.uplink ?? [],
     control: v.control ?? controlPathFor(sockets[0] as string),
     ageingMs: Math.round(Number(aText) * 1000),
+    busyPollMicros: Number(bText),
     printQemu: v["print-qemu"] ?? false,
     verbose: v.verbose ?? false,
     help: v.help ?? false,
@@ -387,6 +400,7 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
           logger: portLogger(log, path),
           ...(mac !== undefined ? { mac } : {}),
           ...(o.mtu !== null ? { mtu: o.mtu } : {}),
+          ...(o.busyPollMicros > 0 ? { busyPollMicros: o.busyPollMicros } : {}),
         });
       } catch (err) {
         throw new Error(`port ${path}: ${(err as Error).message}`, { cause: err });

@@ -1208,6 +1208,8 @@ export interface VhostUserPortOptions extends Omit<VirtioNetOptions, "name"> {
   client?: boolean;
   /** client mode: first and largest delay between connection attempts (ms) */
   reconnectDelayMs?: { min: number; max: number };
+  /** busy polling of the port's rings (see `ServeOptions.busyPollMicros`; default 0: off) */
+  busyPollMicros?: number;
 }
 
 /** A vhost-user port served on a socket and attached to a switch. */
@@ -1226,7 +1228,7 @@ export interface VhostUserPort {
  * @throws Error when the name is taken in the switch; NativeError when the socket fails
  */
 export function addVhostUserPort(sw: Switch, options: VhostUserPortOptions): VhostUserPort {
-  const { path, client, reconnectDelayMs, name, ...rest } = options;
+  const { path, client, reconnectDelayMs, name, busyPollMicros, ...rest } = options;
   const device = new VirtioNetDevice({ ...rest, name: name ?? path });
   sw.addPort(device);
   let server: BackendServer;
@@ -1234,6 +1236,7 @@ export function addVhostUserPort(sw: Switch, options: VhostUserPortOptions): Vho
     const so: ServeOptions = { path, client: client ?? false };
     if (options.logger !== undefined) so.logger = options.logger;
     if (reconnectDelayMs !== undefined) so.reconnectDelayMs = reconnectDelayMs;
+    if (busyPollMicros !== undefined) so.busyPollMicros = busyPollMicros;
     server = serveBackend(device, so);
   } catch (err) {
     sw.removePort(device);
