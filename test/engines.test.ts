@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { readFileSync, readlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -28,19 +28,9 @@ import type { FrontendQueue } from "../src/frontend/queue.js";
 import { VIRTQ_DESC_F_NEXT } from "../src/virtq/layout.js";
 import { FRONTEND_REQUEST_SPECS, hasExplicitReply } from "../src/protocol/table.js";
 import { gpa, uaddr } from "../src/memory/address.js";
+import { openFds } from "./helpers.js";
 
 // --- helpers -----------------------------------------------------------------------------
-
-function openFds(): Set<string> {
-  const fds = readdirSync("/proc/self/fd").filter((fd) => {
-    try {
-      return !readlinkSync(`/proc/self/fd/${fd}`).includes("eventpoll");
-    } catch {
-      return false;
-    }
-  });
-  return new Set(fds);
-}
 
 function describeFd(fd: string): string {
   try {

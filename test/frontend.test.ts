@@ -5,7 +5,7 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { readFileSync, readdirSync, readlinkSync, existsSync } from "node:fs";
+import { readFileSync, readlinkSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -36,19 +36,9 @@ import {
 } from "../src/frontend/frontend.js";
 import { VIRTIO_NET_HDR_SIZE } from "../src/frontend/queue.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
+import { openFds } from "./helpers.js";
 
 // --- helpers ---------------------------------------------------------------------------
-
-function openFds(): Set<string> {
-  const fds = readdirSync("/proc/self/fd").filter((fd) => {
-    try {
-      return !readlinkSync(`/proc/self/fd/${fd}`).includes("eventpoll");
-    } catch {
-      return false; // the directory fd of readdir itself
-    }
-  });
-  return new Set(fds);
-}
 
 function memfdMappings(): number {
   return readFileSync("/proc/self/maps", "utf8")

@@ -8,7 +8,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { readdirSync, readlinkSync } from "node:fs";
+import { readlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -37,21 +37,11 @@ import type { Frame, SwitchPort } from "../src/net/port.js";
 import { formatMac, macKey, parseMac } from "../src/net/frame.js";
 import { readStateFromFd, writeStateToFd } from "../src/migration/transfer.js";
 import { inspectStream } from "../src/migration/stream.js";
+import { openFds } from "./helpers.js";
 
 const FR = FrontendRequest;
 
 /** The fds open now (epoll instances aside). */
-function openFds(): Set<string> {
-  return new Set(
-    readdirSync("/proc/self/fd").filter((fd) => {
-      try {
-        return !readlinkSync(`/proc/self/fd/${fd}`).includes("eventpoll");
-      } catch {
-        return false;
-      }
-    }),
-  );
-}
 const FDS_AT_START = openFds();
 const GUEST_MAC = "52:54:00:12:34:56";
 const PEER_MAC = "02:00:00:00:00:99";

@@ -7,14 +7,13 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { mkdtempSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import fc from "fast-check";
 import { join } from "node:path";
 
 import { native } from "../src/native.js";
 import { FrontendRequest, VirtioFeature, featureSet } from "../src/protocol/constants.js";
-import type { Logger } from "../src/backend/device.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
@@ -40,6 +39,7 @@ import {
   CtrlMq,
   MAC_TABLE_ENTRIES,
 } from "../src/net/ctrl.js";
+import { LineLogger, openFds } from "./helpers.js";
 
 const F = VirtioFeature;
 const BASE = featureSet(F.VERSION_1, F.RING_EVENT_IDX, F.STATUS);
@@ -56,25 +56,6 @@ async function until(cond: () => boolean, what: string, ms = 5000): Promise<void
   while (!cond()) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await sleep(2);
-  }
-}
-
-class CapturingLogger implements Logger {
-  readonly lines: string[] = [];
-  debug(m: string): void {
-    this.lines.push(`D ${m}`);
-  }
-  info(m: string): void {
-    this.lines.push(`I ${m}`);
-  }
-  warn(m: string): void {
-    this.lines.push(`W ${m}`);
-  }
-  error(m: string): void {
-    this.lines.push(`E ${m}`);
-  }
-  has(re: RegExp): boolean {
-    return this.lines.some((l) => re.test(l));
   }
 }
 
@@ -359,7 +340,7 @@ class Guest {
 interface Bench {
   dir: string;
   sw: Switch;
-  log: CapturingLogger;
+  log: LineLogger;
   ports: VhostUserPort[];
   guests: Guest[];
   add(name: string, opts?: Partial<VhostUserPortOptions>): VhostUserPort;
@@ -368,7 +349,7 @@ interface Bench {
 
 function bench(): Bench {
   const dir = mkdtempSync(join(tmpdir(), "vk-netdev-"));
-  const log = new CapturingLogger();
+  const log = new LineLogger();
   const sw = new Switch({ logger: log });
   const b: Bench = {
     dir,
@@ -437,18 +418,6 @@ function assertSame(got: Uint8Array[], sent: Uint8Array[], what: string): void {
       assert.fail(`${what}: frame ${i} differs (seq ${seqOf(got[i]!)} vs ${seqOf(sent[i]!)})`);
     }
   }
-}
-
-function openFds(): Set<string> {
-  return new Set(
-    readdirSync("/proc/self/fd").filter((fd) => {
-      try {
-        return !readlinkSync(`/proc/self/fd/${fd}`).includes("eventpoll");
-      } catch {
-        return false;
-      }
-    }),
-  );
 }
 
 const FDS_AT_START = openFds();

@@ -10,7 +10,7 @@ import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readlinkSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setImmediate as nextTurn } from "node:timers/promises";
@@ -24,7 +24,7 @@ import {
 import { serveBackend } from "../src/backend/server.js";
 import type { BackendServer } from "../src/backend/server.js";
 import type { BackendSession } from "../src/backend/session.js";
-import type { Logger, WorkerQueueSpec } from "../src/backend/device.js";
+import type { WorkerQueueSpec } from "../src/backend/device.js";
 import { VhostUserError } from "../src/protocol/errors.js";
 import type { QueueWorker } from "../src/backend/worker-queue.js";
 import { NetTestDevice } from "../src/devices/net-test-device.js";
@@ -33,6 +33,7 @@ import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
 import { startTestpmd } from "./peers/testpmd.js";
+import { LineLogger, openFds } from "./helpers.js";
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
@@ -44,18 +45,6 @@ async function until(cond: () => boolean, what: string, ms = 8000): Promise<void
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await sleep(2);
   }
-}
-
-function openFds(): Set<string> {
-  return new Set(
-    readdirSync("/proc/self/fd").filter((fd) => {
-      try {
-        return !readlinkSync(`/proc/self/fd/${fd}`).includes("eventpoll");
-      } catch {
-        return false;
-      }
-    }),
-  );
 }
 
 function describeFds(fds: Iterable<string>): string {
@@ -74,22 +63,6 @@ function memfdMappings(name: string): number {
   return readFileSync("/proc/self/maps", "utf8")
     .split("\n")
     .filter((l) => l.includes(`/memfd:${name}`)).length;
-}
-
-class Lines implements Logger {
-  readonly lines: string[] = [];
-  debug(m: string): void {
-    this.lines.push(`D ${m}`);
-  }
-  info(m: string): void {
-    this.lines.push(`I ${m}`);
-  }
-  warn(m: string): void {
-    this.lines.push(`W ${m}`);
-  }
-  error(m: string): void {
-    this.lines.push(`E ${m}`);
-  }
 }
 
 let counter = 0;
@@ -144,7 +117,7 @@ interface Setup {
   device: NetTestDevice;
   fe: VhostUserFrontend;
   ram: GuestRam;
-  log: Lines;
+  log: LineLogger;
   offered: bigint;
   offeredPf: bigint;
   close(): void;
@@ -156,7 +129,7 @@ async function setup(
   opts: { workerQueues?: boolean; pollTurns?: number; busyPollMicros?: number } = {},
 ): Promise<Setup> {
   const path = socketPath();
-  const log = new Lines();
+  const log = new LineLogger();
   const device = new NetTestDevice({ mode: "sink", workerQueues: opts.workerQueues ?? true });
   const server = serveBackend(device, {
     path,
@@ -412,7 +385,7 @@ for (const packed of [false, true]) {
   test(`DPDK virtio_user -> vhostkit sink with its TX queue in a worker (${packed ? "packed_vq=1" : "split"}): N sent, N counted`, async () => {
     const dir = mkdtempSync(join(tmpdir(), "vk-wq-dpdk-"));
     const path = join(dir, "sink.sock");
-    const log = new Lines();
+    const log = new LineLogger();
     const device = new NetTestDevice({ mode: "sink", workerQueues: true });
     let server: BackendServer | null = null;
     const tp = await startTestpmd({
@@ -474,7 +447,7 @@ class HangingDevice extends NetTestDevice {
 test("worker queue: a worker that stops answering is terminated; GET_VRING_BASE fails, the ring breaks, its fds are closed", async () => {
   const fdsBefore = openFds();
   const path = socketPath();
-  const log = new Lines();
+  const log = new LineLogger();
   const server = serveBackend(new HangingDevice(), { path, logger: log });
   const errors: VhostUserError[] = [];
   server.on("error", (e: VhostUserError) => errors.push(e));
