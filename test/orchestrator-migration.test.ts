@@ -137,6 +137,39 @@ async function listen(onConn: (s: Socket) => void): Promise<{ server: Server; po
   return { server, port: (server.address() as AddressInfo).port };
 }
 
+/** A destination receiving one migration into the pair's B back-end. */
+interface Destination {
+  server: Server;
+  port: number;
+  /** how receiveMigration ended in error, or null while it has not */
+  error(): unknown;
+  /** how many times it connected to its back-end */
+  backendConnects(): number;
+}
+
+/**
+ * Listen for the source's stream and run receiveMigration on it, keeping its error.
+ * @param p the pair (B's socket is the destination back-end)
+ * @param hook called with the stream first (e.g. to kill it mid-way)
+ */
+async function listenDestination(p: Pair, hook?: (s: Socket) => void): Promise<Destination> {
+  let error: unknown = null;
+  let connects = 0;
+  const l = await listen((s) => {
+    hook?.(s);
+    receiveMigration({
+      stream: s,
+      connectBackend: () => {
+        connects++;
+        return VhostUserFrontend.connect(join(p.dir, "b.sock"));
+      },
+    }).catch((e: unknown) => {
+      error = e;
+    });
+  });
+  return { ...l, error: () => error, backendConnects: () => connects };
+}
+
 function connect(port: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
     const s = createConnection({ host: "127.0.0.1", port, noDelay: true }, () => resolve(s));
@@ -557,20 +590,14 @@ test("fault: the destination really killed mid-stream (receiveMigration aborted)
   let server: Server | null = null;
   try {
     await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
-    let destErr: unknown = null;
-    const l = await listen((s) => {
+    const l = await listenDestination(p, (s) => {
       let got = 0;
       s.on("data", (c: Buffer) => {
         got += c.length;
         if (got > 1 << 20) s.destroy(); // the process holding it dies
       });
-      receiveMigration({
-        stream: s,
-        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
-      }).catch((e: unknown) => {
-        destErr = e;
-      });
     });
+    const destErr = l.error;
     server = l.server;
     const err = await migrateSource({
       frontend: p.fe,
@@ -580,7 +607,7 @@ test("fault: the destination really killed mid-stream (receiveMigration aborted)
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr !== null);
+    await until("destination gave up", () => destErr() !== null);
     await expectResumed(p, err);
     assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
   } finally {
@@ -594,15 +621,8 @@ test("fault: the source back-end dies during pre-copy; the migration fails, the 
   let server: Server | null = null;
   try {
     await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
-    let destErr: unknown = null;
-    const l = await listen((s) => {
-      receiveMigration({
-        stream: s,
-        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
-      }).catch((e: unknown) => {
-        destErr = e;
-      });
-    });
+    const l = await listenDestination(p);
+    const destErr = l.error;
     server = l.server;
     let killed = false;
     const err = await migrateSource({
@@ -625,7 +645,7 @@ test("fault: the source back-end dies during pre-copy; the migration fails, the 
     assert.ok(err instanceof MigrationError, `MigrationError expected, got ${String(err)}`);
     assert.equal(err.sourceResumed, false, "no back-end left to resume");
     assert.match(err.message, /during precopy/, err.message);
-    await until("destination gave up", () => destErr !== null);
+    await until("destination gave up", () => destErr() !== null);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
   } finally {
@@ -640,15 +660,8 @@ test("fault: the stream is truncated; the destination releases everything, the s
   let server: Server | null = null;
   try {
     await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
-    let destErr: unknown = null;
-    const d = await listen((s) => {
-      receiveMigration({
-        stream: s,
-        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
-      }).catch((e: unknown) => {
-        destErr = e;
-      });
-    });
+    const d = await listenDestination(p);
+    const destErr = d.error;
     server = d.server;
     // A proxy that forwards 300 KiB of the source's stream, then ends the destination's side.
     const pr = await listen((up) => {
@@ -679,8 +692,8 @@ test("fault: the stream is truncated; the destination releases everything, the s
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr !== null);
-    assert.match(String(destErr), /truncated/);
+    await until("destination gave up", () => destErr() !== null);
+    assert.match(String(destErr()), /truncated/);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     await expectResumed(p, err);
   } finally {
@@ -696,15 +709,8 @@ test("fault: the destination back-end refuses the state; the source resumes", as
   try {
     p.devB.refuse = true;
     await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
-    let destErr: unknown = null;
-    const l = await listen((s) => {
-      receiveMigration({
-        stream: s,
-        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
-      }).catch((e: unknown) => {
-        destErr = e;
-      });
-    });
+    const l = await listenDestination(p);
+    const destErr = l.error;
     server = l.server;
     const err = await migrateSource({
       frontend: p.fe,
@@ -716,8 +722,8 @@ test("fault: the destination back-end refuses the state; the source resumes", as
     );
     assert.ok(err instanceof MigrationError);
     assert.match(err.message, /CHECK_DEVICE_STATE|destination failed/);
-    await until("destination gave up", () => destErr !== null);
-    assert.match(String(destErr), /CHECK_DEVICE_STATE/);
+    await until("destination gave up", () => destErr() !== null);
+    assert.match(String(destErr()), /CHECK_DEVICE_STATE/);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     await expectResumed(p, err);
   } finally {
@@ -747,16 +753,8 @@ async function migrateWithHook(
   p: Pair,
   hook: (dest: Socket) => void,
 ): Promise<{ err: unknown; destErr: () => unknown }> {
-  let destErr: unknown = null;
-  const l = await listen((s) => {
-    hook(s);
-    receiveMigration({
-      stream: s,
-      connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
-    }).catch((e: unknown) => {
-      destErr = e;
-    });
-  });
+  const l = await listenDestination(p, hook);
+  const destErr = l.error;
   try {
     const err = await migrateSource({
       frontend: p.fe,
@@ -766,8 +764,8 @@ async function migrateWithHook(
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr !== null);
-    return { err, destErr: () => destErr };
+    await until("destination gave up", () => destErr() !== null);
+    return { err, destErr };
   } finally {
     l.server.close();
   }
@@ -886,19 +884,7 @@ async function tamperedMigration(
   rewrite: (s: Section) => Section,
   field: string | RegExp,
 ): Promise<void> {
-  let destErr: unknown = null;
-  let connected = 0;
-  const d = await listen((s) => {
-    receiveMigration({
-      stream: s,
-      connectBackend: () => {
-        connected++;
-        return VhostUserFrontend.connect(join(p.dir, "b.sock"));
-      },
-    }).catch((e: unknown) => {
-      destErr = e;
-    });
-  });
+  const d = await listenDestination(p);
   const pr = await tamperingProxy(d.port, rewrite);
   try {
     const err = await migrateSource({
@@ -909,11 +895,12 @@ async function tamperedMigration(
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr !== null);
+    await until("destination gave up", () => d.error() !== null);
+    const destErr = d.error();
     assert.ok(destErr instanceof VhostUserError, `field error expected, got ${String(destErr)}`);
     if (typeof field === "string") assert.equal(destErr.field, field, destErr.message);
     else assert.match(destErr.field ?? "", field, destErr.message);
-    assert.ok(connected <= 1);
+    assert.ok(d.backendConnects() <= 1);
     await until("destination released its back-end", () => p.srvB.session === null, 4000).catch(
       () => undefined,
     );

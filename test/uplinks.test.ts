@@ -259,25 +259,8 @@ for (const vnetHdr of [false, true]) {
         await ns.ip(["link", "set", dev, "address", "52:54:00:00:0a:01"]);
         await ns.addAddress(dev, "192.0.2.1/24");
 
-        guest.send(arpRequest(guest.mac, "192.0.2.2", "192.0.2.1"));
-        const arp = await guest.waitFor((f) => arpReplyMac(f, "192.0.2.1") !== null, "ARP reply");
-        const nsMac = arpReplyMac(arp, "192.0.2.1") as Uint8Array;
+        const nsMac = await pingNamespace(guest, { id: 0x4242, payload: (seq) => 56 + seq * 100 });
         assert.deepEqual([...nsMac], [0x52, 0x54, 0, 0, 0x0a, 0x01]);
-
-        for (let seq = 1; seq <= 3; seq++) {
-          guest.send(
-            icmpEcho({
-              srcMac: guest.mac,
-              dstMac: nsMac,
-              srcIp: "192.0.2.2",
-              dstIp: "192.0.2.1",
-              id: 0x4242,
-              seq,
-              payload: 56 + seq * 100,
-            }),
-          );
-          await guest.waitFor((f) => isEchoReply(f, "192.0.2.1", 0x4242, seq), `echo reply ${seq}`);
-        }
         const tap = sw.stats().ports.find((p) => p.name === up.name);
         assert.ok(tap !== undefined);
         assert.ok(
@@ -343,27 +326,8 @@ test(
       assert.equal(up.name, "vxlan:42");
       guest = await attachTestGuest(sw, "52:54:00:00:0b:02");
 
-      guest.send(arpRequest(guest.mac, "192.0.2.2", "192.0.2.1"));
-      const arp = await guest.waitFor(
-        (f) => arpReplyMac(f, "192.0.2.1") !== null,
-        "ARP reply",
-        8000,
-      );
-      const nsMac = arpReplyMac(arp, "192.0.2.1") as Uint8Array;
+      const nsMac = await pingNamespace(guest, { id: 0x77, arpTimeoutMs: 8000 });
       assert.deepEqual([...nsMac], [0x52, 0x54, 0, 0, 0x0b, 0x01]);
-      for (let seq = 1; seq <= 3; seq++) {
-        guest.send(
-          icmpEcho({
-            srcMac: guest.mac,
-            dstMac: nsMac,
-            srcIp: "192.0.2.2",
-            dstIp: "192.0.2.1",
-            id: 0x77,
-            seq,
-          }),
-        );
-        await guest.waitFor((f) => isEchoReply(f, "192.0.2.1", 0x77, seq), `echo reply ${seq}`);
-      }
       const port = sw.port("vxlan:42") as VxlanPort;
       assert.ok(port instanceof VxlanPort);
       // the Linux VTEP was learned for the namespace's MAC; unicast went to it directly
@@ -409,6 +373,39 @@ test("vxlan uplink: bind errors name the address", async () => {
     sw.close();
   }
 });
+
+/**
+ * From a test guest at 192.0.2.2: ARP for 192.0.2.1 (an address in a test namespace), then
+ * three echo requests, each answered.
+ * @returns the MAC that answered the ARP
+ */
+async function pingNamespace(
+  guest: Awaited<ReturnType<typeof attachTestGuest>>,
+  o: { id: number; payload?: (seq: number) => number; arpTimeoutMs?: number },
+): Promise<Uint8Array> {
+  guest.send(arpRequest(guest.mac, "192.0.2.2", "192.0.2.1"));
+  const arp = await guest.waitFor(
+    (f) => arpReplyMac(f, "192.0.2.1") !== null,
+    "ARP reply",
+    ...(o.arpTimeoutMs !== undefined ? [o.arpTimeoutMs] : []),
+  );
+  const nsMac = arpReplyMac(arp, "192.0.2.1") as Uint8Array;
+  for (let seq = 1; seq <= 3; seq++) {
+    guest.send(
+      icmpEcho({
+        srcMac: guest.mac,
+        dstMac: nsMac,
+        srcIp: "192.0.2.2",
+        dstIp: "192.0.2.1",
+        id: o.id,
+        seq,
+        ...(o.payload ? { payload: o.payload(seq) } : {}),
+      }),
+    );
+    await guest.waitFor((f) => isEchoReply(f, "192.0.2.1", o.id, seq), `echo reply ${seq}`);
+  }
+  return nsMac;
+}
 
 async function freeUdpPort(address: string): Promise<number> {
   const s = createSocket(address.includes(":") ? "udp6" : "udp4");
