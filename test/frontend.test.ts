@@ -586,10 +586,12 @@ test("frontend: stopQueue and restartQueue (split and packed bases, new kick fd)
       "SET_VRING_BASE",
       "SET_VRING_ADDR",
       "SET_VRING_KICK",
+      "SET_VRING_CALL",
+      "SET_VRING_ERR",
       "SET_VRING_ENABLE",
     ]);
     assert.deepEqual(be.log[1]?.payload, { index: 0, num: 7 });
-    assert.deepEqual(be.log[4]?.payload, { index: 0, num: 1 });
+    assert.deepEqual(be.log[6]?.payload, { index: 0, num: 1 });
     const newKick = be.kickFds.get(0) as number;
     assert.notEqual(newKick, oldKick);
     await until(() => native.eventfdRead(newKick) === 1n, "the restart kick");

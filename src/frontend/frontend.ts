@@ -1100,7 +1100,10 @@ export class VhostUserFrontend extends EventEmitter {
       await this.#call(FR.SET_VRING_ADDR, this.#ringAddr(q, options.log ?? false));
       await this.#sendVringFd(FR.SET_VRING_KICK, index, kickFd);
       await this.#sendVringFd(FR.SET_VRING_CALL, index, callFd);
-      if (errMode !== "skip") await this.#sendVringFd(FR.SET_VRING_ERR, index, errFd);
+      if (errMode !== "skip") {
+        await this.#sendVringFd(FR.SET_VRING_ERR, index, errFd);
+        q.sentErr = true;
+      }
       if (options.enable !== false && this.#protocolFeaturesAcked()) {
         await this.setVringEnable(index, true);
       }
@@ -1160,7 +1163,10 @@ export class VhostUserFrontend extends EventEmitter {
   /**
    * Restart a stopped ring with its indices preserved: SET_VRING_NUM, SET_VRING_BASE (the given
    * base, else the one GET_VRING_BASE returned), SET_VRING_ADDR, SET_VRING_KICK with a new kick
-   * eventfd, SET_VRING_ENABLE 1; then one kick so that buffers made available meanwhile are seen.
+   * eventfd, SET_VRING_CALL and SET_VRING_ERR with the ring's call and err eventfds again (a
+   * back-end may have closed its copies at GET_VRING_BASE), SET_VRING_ENABLE 1; then one kick
+   * so that buffers made available meanwhile are seen. The order is QEMU's
+   * `vhost_virtqueue_start`.
    * @param index queue index
    * @param base base to restart from (default: `queue.stoppedBase`)
    * @param log VHOST_VRING_F_LOG in SET_VRING_ADDR (default false)
@@ -1182,6 +1188,12 @@ export class VhostUserFrontend extends EventEmitter {
     const kickFd = hadKick ? native.eventfd(0) : -1;
     q.replaceKickFd(kickFd);
     await this.#sendVringFd(FR.SET_VRING_KICK, index, kickFd);
+    // LIFETIME: a back-end may close its copies of the call and err fds on GET_VRING_BASE
+    // (libvhost-user's `vu_get_vring_base_exec` does, and panics at its next notification
+    // without a new one): every start sends them again, as QEMU's `vhost_virtqueue_start`
+    // sends the call fd after the kick fd. Ours stay open and watched.
+    await this.#sendVringFd(FR.SET_VRING_CALL, index, q.callFd);
+    if (q.errFd >= 0 || q.sentErr) await this.#sendVringFd(FR.SET_VRING_ERR, index, q.errFd);
     if (this.#protocolFeaturesAcked()) await this.setVringEnable(index, true);
     q.stoppedBase = null;
     q.stopped = false;

@@ -203,6 +203,8 @@ export class FrontendQueue extends EventEmitter {
    * eventfd (a kick would start the ring again in the back-end); the restart kicks once.
    */
   stopped = false;
+  /** SET_VRING_ERR was sent at set-up (a restart sends it again; "skip" set-ups never do) */
+  sentErr = false;
   /** size of one pool buffer */
   readonly bufferSize: number;
   #driver: Driver;
