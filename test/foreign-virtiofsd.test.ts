@@ -12,16 +12,32 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import diagnostics_channel from "node:diagnostics_channel";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createConnection, createServer } from "node:net";
+import type { AddressInfo, Server, Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
+import { MESSAGE_DIAGNOSTICS_CHANNEL } from "../src/channel.js";
+import type { MessageDiagnostic } from "../src/channel.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
-import { featureSet, VirtioFeature } from "../src/protocol/constants.js";
+import type { FrontendQueue } from "../src/frontend/queue.js";
+import { MigrationError, migrateSource } from "../src/orchestrator/source.js";
+import type { MigratableGuest } from "../src/orchestrator/source.js";
+import { receiveMigration } from "../src/orchestrator/destination.js";
+import {
+  SectionReader,
+  SectionType,
+  encodeJsonSection,
+  encodeSection,
+} from "../src/orchestrator/stream.js";
+import { featureSet, hasFeature, VirtioFeature } from "../src/protocol/constants.js";
 import { startVirtiofsd } from "./peers/libvhost-user.js";
 import type { LibvhostUserPeer } from "./peers/libvhost-user.js";
-import { FS_REQUEST_QUEUE, FUSE_ROOT_ID, VirtioFsDriver } from "./peers/virtio-fs.js";
+import { FS_REQUEST_QUEUE, FUSE_ROOT_ID, VIRTIO_ID_FS, VirtioFsDriver } from "./peers/virtio-fs.js";
+import type { VirtioFsDriverState } from "./peers/virtio-fs.js";
 
 /** Files the tests read: name to content. */
 const FILES = new Map<string, Buffer>([
@@ -133,6 +149,264 @@ test("regression: replaceMemory({mode: 'stop'}) keeps virtiofsd serving", async 
     await g.fe.replaceMemory(copy, { mode: "stop", closePrevious: true });
     await assertServes(g, "after replaceMemory stop");
   } finally {
+    await g.close();
+  }
+});
+
+/**
+ * The guest of a migration: FUSE reads of big.bin at varying offsets and sizes, each checked
+ * against the file. pause() stops issuing and waits for the read in flight (a guest whose vCPUs
+ * stop leaves no request half-written); the driver state goes in the GUEST_STATE section.
+ */
+class FsReader implements MigratableGuest {
+  reads = 0;
+  #paused = false;
+  #loop: Promise<void> | null = null;
+  error: Error | null = null;
+  constructor(readonly driver: VirtioFsDriver) {}
+
+  start(): void {
+    this.#paused = false;
+    this.#loop = this.#run().catch((e: unknown) => {
+      this.error = e as Error;
+    });
+  }
+
+  async #run(): Promise<void> {
+    const big = FILES.get("big.bin") as Buffer;
+    const { nodeid } = await this.driver.lookup(FUSE_ROOT_ID, "big.bin");
+    const fh = await this.driver.open(nodeid);
+    let x = 7;
+    while (!this.#paused) {
+      x = (x * 1103515245 + 12345) >>> 0;
+      const off = x % (big.length - 1);
+      const len = 1 + ((x >>> 8) % (64 << 10));
+      const r = await this.driver.read(nodeid, fh, off, len);
+      const want = big.subarray(off, Math.min(big.length, off + len));
+      if (!Buffer.from(r.body).equals(want)) throw new Error(`read ${off}+${len} differs`);
+      this.reads++;
+    }
+    await this.driver.release(nodeid, fh);
+  }
+
+  async pause(): Promise<void> {
+    this.#paused = true;
+    await this.#loop;
+  }
+
+  resume(): void {
+    this.start();
+  }
+
+  saveState(): Uint8Array {
+    return Buffer.from(JSON.stringify(this.driver.saveState()));
+  }
+}
+
+async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+async function listen(onConn: (s: Socket) => void): Promise<{ server: Server; port: number }> {
+  const server = createServer({ noDelay: true }, onConn);
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return { server, port: (server.address() as AddressInfo).port };
+}
+
+function connectTo(port: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = createConnection({ host: "127.0.0.1", port, noDelay: true }, () => resolve(s));
+    s.once("error", reject);
+  });
+}
+
+/** Requests vhostkit sent on a named front-end's main channel, as the diagnostics publish them. */
+function recordRequests(name: string): { names: string[]; stop(): void } {
+  const names: string[] = [];
+  const onMsg = (m: unknown): void => {
+    const d = m as MessageDiagnostic;
+    if (d.channel === name && d.direction === "out" && d.kind === "request") names.push(d.name);
+  };
+  diagnostics_channel.subscribe(MESSAGE_DIAGNOSTICS_CHANNEL, onMsg);
+  return { names, stop: () => diagnostics_channel.unsubscribe(MESSAGE_DIAGNOSTICS_CHANNEL, onMsg) };
+}
+
+test("migration virtiofsd -> second virtiofsd under FUSE reads: RAM identical, the destination serves, no RESET_OWNER after switch-over", async () => {
+  const src = await startFs(shareDir(), 16 << 20);
+  const dstDir = shareDir();
+  // the destination shares the same files (a shared file system on both hosts)
+  for (const [name, data] of FILES) writeFileSync(join(dstDir, name), data);
+  const dstPeer = await startVirtiofsd({ source: dstDir });
+  const guest = new FsReader(src.driver);
+  const rec = recordRequests(src.fe.name);
+  let server: Server | null = null;
+  let incoming: Awaited<ReturnType<typeof receiveMigration>> | null = null;
+  try {
+    guest.start();
+    await until("reads", () => guest.reads > 20);
+    let destErr: unknown = null;
+    const done = new Promise<Awaited<ReturnType<typeof receiveMigration>>>((resolve) => {
+      void listen((s) => {
+        receiveMigration({
+          stream: s,
+          connectBackend: () => VhostUserFrontend.connect(dstPeer.socketPath, { timeoutMs: 5000 }),
+        }).then(resolve, (e: unknown) => {
+          destErr = e;
+        });
+      }).then((l) => {
+        server = l.server;
+        port = l.port;
+      });
+    });
+    let port = 0;
+    await until("listener", () => port !== 0);
+    const readsBefore = guest.reads;
+    const result = await migrateSource({
+      frontend: src.fe,
+      stream: await connectTo(port),
+      guest,
+      deviceId: VIRTIO_ID_FS,
+      verifyMemory: true,
+    });
+    incoming = await done;
+    assert.equal(destErr, null);
+    assert.ok(guest.reads > readsBefore, "reads went on during pre-copy");
+    assert.equal(guest.error, null, String(guest.error));
+    assert.equal(incoming.memoryVerified, true, "the destination's RAM hash equals the source's");
+    assert.ok(result.memoryHash);
+    // After switch-over the source sends nothing QEMU 7.2 would not: its rings are stopped and
+    // it keeps the connection until the VM is gone. Above all no RESET_OWNER.
+    const afterStop = rec.names.slice(rec.names.lastIndexOf("GET_VRING_BASE") + 1);
+    assert.deepEqual(
+      afterStop.filter((n) => n !== "GET_FEATURES"),
+      [],
+      `requests after the rings stopped: ${afterStop.join(",")}`,
+    );
+    assert.ok(!rec.names.includes("RESET_OWNER"));
+    // The source closed its connection (the VM is gone): virtiofsd ends as it does when QEMU
+    // quits, without an error.
+    assert.ok(src.fe.closed);
+    await src.peer.waitExit(3000);
+    assert.doesNotMatch(src.peer.output, /panic|Unhandled|Error|error/, src.peer.output);
+    // The destination: the driver goes on from the migrated state. QEMU 7.2's virtiofsd has no
+    // DEVICE_STATE, so the FUSE session does not move: the guest mounts again (FUSE_INIT).
+    const state = JSON.parse(
+      Buffer.from(incoming.guestState as Uint8Array).toString(),
+    ) as VirtioFsDriverState;
+    assert.equal(state.pending.length, 0);
+    const q = incoming.queues[FS_REQUEST_QUEUE] as FrontendQueue;
+    const d2 = new VirtioFsDriver(q, incoming.ram, { restore: state });
+    await d2.init();
+    for (const [name, data] of FILES) {
+      assert.ok((await readFile(d2, name)).equals(data), `${name} read on the destination`);
+    }
+    d2.detach();
+    dstPeer.assertRunning();
+  } finally {
+    rec.stop();
+    await guest.pause().catch(() => undefined);
+    (server as Server | null)?.close();
+    incoming?.frontend.close();
+    incoming?.ram.close();
+    await dstPeer.stop();
+    rmSync(dstDir, { recursive: true, force: true });
+    await src.close();
+  }
+});
+
+/**
+ * A destination that takes the stream, acknowledges every pre-copy pass and answers FAIL once the
+ * virtio device state has come: the migration fails after the source stopped its rings and sent
+ * everything but the end.
+ */
+async function failAfterVirtioState(): Promise<{
+  server: Server;
+  port: number;
+  sawState: () => boolean;
+}> {
+  let saw = false;
+  const l = await listen((s) => {
+    s.on("error", () => undefined);
+    const reader = new SectionReader(s);
+    void (async () => {
+      try {
+        await reader.header();
+        s.write(
+          encodeJsonSection(SectionType.HELLO, {
+            offeredFeatures: (2n ** 64n - 1n).toString(),
+            protocolFeatures: "0",
+            deviceState: false,
+          }),
+        );
+        for (;;) {
+          const sec = await reader.next();
+          if (sec.type === SectionType.ITERATION_END) {
+            const ack = Buffer.alloc(4);
+            ack.writeUInt32BE(Buffer.from(sec.payload).readUInt32BE(0), 0);
+            s.write(Buffer.from(encodeSection(SectionType.ITERATION_ACK, ack)));
+          } else if (sec.type === SectionType.VIRTIO_STATE) {
+            saw = true;
+            s.write(
+              encodeJsonSection(SectionType.FAIL, { error: "injected after the virtio state" }),
+            );
+            setTimeout(() => s.destroy(), 20);
+            return;
+          }
+        }
+      } catch {
+        s.destroy();
+      }
+    })();
+  });
+  return { ...l, sawState: () => saw };
+}
+
+test("regression: a migration that fails after the virtio state was sent leaves the source virtiofsd serving", async () => {
+  const g = await startFs(shareDir(), 16 << 20);
+  const guest = new FsReader(g.driver);
+  const d = await failAfterVirtioState();
+  try {
+    guest.start();
+    await until("reads", () => guest.reads > 20);
+    const err = await migrateSource({
+      frontend: g.fe,
+      stream: await connectTo(d.port),
+      guest,
+      deviceId: VIRTIO_ID_FS,
+    }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    assert.ok(err instanceof MigrationError, String(err));
+    assert.ok(d.sawState(), "the failure came after the virtio state");
+    assert.equal(err.sourceResumed, true);
+    assert.equal(hasFeature(g.fe.features, VirtioFeature.LOG_ALL), false, "logging is off");
+    // the guest resumed: reads go on and virtiofsd notifies on the restarted rings
+    const n = guest.reads;
+    await until("reads after the rollback", () => guest.reads > n + 20 || guest.error !== null);
+    assert.equal(guest.error, null, `${String(guest.error)}\n${g.peer.output}`);
+    await guest.pause();
+    await assertServes(g, "after the rollback");
+  } finally {
+    await guest.pause().catch(() => undefined);
+    d.server.close();
+    await g.close();
+  }
+});
+
+test("resetDevice sends no RESET_OWNER to a back-end without RESET_DEVICE unless asked", async () => {
+  const g = await startFs();
+  const rec = recordRequests(g.fe.name);
+  try {
+    await assert.rejects(g.fe.resetDevice(), /RESET_DEVICE/);
+    assert.deepEqual(rec.names, [], "nothing was sent");
+    await assertServes(g, "after the refused reset");
+  } finally {
+    rec.stop();
     await g.close();
   }
 });

@@ -722,12 +722,21 @@ export class VhostUserFrontend extends EventEmitter {
   }
 
   /**
-   * RESET_DEVICE when negotiated, else RESET_OWNER (as QEMU). The front-end forgets its queues
-   * (their eventfds are closed) and the acked features.
+   * RESET_DEVICE (needs RESET_DEVICE). RESET_OWNER, which the spec no longer uses and which some
+   * back-ends do not handle (a libvhost-user or rust-vmm back-end may end the process on a
+   * request it does not know), goes out only when asked for with `allowResetOwner`, as QEMU
+   * 7.2's `vhost_user_reset_device` falls back to it. The front-end forgets its queues (their
+   * eventfds are closed) and the acked features.
+   * @param options `allowResetOwner`: send RESET_OWNER when RESET_DEVICE is not negotiated
+   *   (default false)
+   * @throws VhostUserError ERR_VHOST_NOT_NEGOTIATED when RESET_DEVICE is not negotiated and
+   *   RESET_OWNER is not allowed (nothing is sent)
+   * (vhost-user: VHOST_USER_RESET_DEVICE, VHOST_USER_RESET_OWNER)
    */
-  async resetDevice(): Promise<void> {
+  async resetDevice(options: { allowResetOwner?: boolean } = {}): Promise<void> {
     if (this.#hasProtocol(PF.RESET_DEVICE)) await this.#call(FR.RESET_DEVICE, null);
-    else await this.#call(FR.RESET_OWNER, null);
+    else if (options.allowResetOwner === true) await this.#call(FR.RESET_OWNER, null);
+    else this.#requireProtocol("RESET_DEVICE", PF.RESET_DEVICE);
     for (const q of this.#queues.values()) q.dispose();
     this.#queues.clear();
     this.#ackedFeatures = null;

@@ -516,13 +516,8 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     log = null;
     stream.end();
     if (options.closeOnSuccess !== false) {
-      // "Once the source has finished migration, VHOST_USER_RESET_OWNER message will be sent
-      // by the source" (vhost-user "Migration"): RESET_DEVICE when negotiated, as QEMU.
-      try {
-        await fe.resetDevice();
-      } catch {
-        // the back-end may already be gone: nothing left to release there
-      }
+      // The rings are stopped; the source sends nothing more (no RESET_OWNER, which some
+      // back-ends do not handle) and hangs up, as QEMU does when the VM is gone.
       fe.close();
     }
     progress("done", iteration, 0);
