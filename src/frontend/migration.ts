@@ -244,6 +244,26 @@ async function checkDeviceState(fe: VhostUserFrontend): Promise<void> {
   }
 }
 
+/**
+ * The transfer pipe: the back-end's end blocking, ours non-blocking. O_NONBLOCK belongs to each
+ * end's open file description, so setting it on ours leaves the back-end's end blocking, as
+ * QEMU passes it: back-ends read or write the state in a blocking loop right after their reply
+ * and treat EAGAIN as a failure.
+ * @param ours which end this side keeps
+ * @returns [readEnd, writeEnd]
+ */
+function statePipe(ours: "read" | "write"): [number, number] {
+  const [r, w] = native.pipe(false);
+  try {
+    native.setNonBlocking(ours === "read" ? r : w, true);
+  } catch (err) {
+    native.close(r);
+    native.close(w);
+    throw err;
+  }
+  return [r, w];
+}
+
 function requireDeviceState(fe: VhostUserFrontend, step: string): void {
   if (!hasFeature(fe.protocolFeatures, ProtocolFeature.DEVICE_STATE)) {
     throw new VhostUserError("ERR_VHOST_NOT_NEGOTIATED", "protocol feature not negotiated", {
@@ -256,8 +276,8 @@ function requireDeviceState(fe: VhostUserFrontend, step: string): void {
 
 /**
  * Save the back-end's internal state (source side, every ring stopped): a pipe whose write end
- * goes with SET_DEVICE_STATE_FD (SAVE, phase STOPPED), or the back-end's own fd from the reply;
- * read to end of file; then CHECK_DEVICE_STATE.
+ * (blocking) goes with SET_DEVICE_STATE_FD (SAVE, phase STOPPED), or the back-end's own fd from
+ * the reply; read to end of file (our end non-blocking); then CHECK_DEVICE_STATE.
  * @param fe the front-end (DEVICE_STATE negotiated)
  * @param options size cap, timeout
  * @returns the state bytes
@@ -271,7 +291,7 @@ export async function saveBackendState(
 ): Promise<Uint8Array> {
   requireDeviceState(fe, "SET_DEVICE_STATE_FD");
   const maxBytes = options.maxBytes ?? DEFAULT_MAX_STATE_BYTES;
-  const [r, w] = native.pipe(true);
+  const [r, w] = statePipe("read");
   // Every fd still ours: each is closed exactly once, whatever throws (a second close could
   // hit an unrelated fd that reused the number).
   const owned = new Set([r, w]);
@@ -302,9 +322,9 @@ export async function saveBackendState(
 }
 
 /**
- * Load a back-end state (destination side, rings not started): a pipe whose read end goes with
- * SET_DEVICE_STATE_FD (LOAD, phase STOPPED), or the back-end's own fd from the reply; write the
- * state and close; then CHECK_DEVICE_STATE.
+ * Load a back-end state (destination side, rings not started): a pipe whose read end (blocking)
+ * goes with SET_DEVICE_STATE_FD (LOAD, phase STOPPED), or the back-end's own fd from the reply;
+ * write the state (our end non-blocking) and close; then CHECK_DEVICE_STATE.
  * @param fe the front-end (DEVICE_STATE negotiated)
  * @param data the state saved on the source
  * @throws VhostUserError naming SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE when the back-end
@@ -313,7 +333,7 @@ export async function saveBackendState(
  */
 export async function loadBackendState(fe: VhostUserFrontend, data: Uint8Array): Promise<void> {
   requireDeviceState(fe, "SET_DEVICE_STATE_FD");
-  const [r, w] = native.pipe(true);
+  const [r, w] = statePipe("write");
   // Every fd still ours: each is closed exactly once, whatever throws.
   const owned = new Set([r, w]);
   const release = (fd: number): void => {
