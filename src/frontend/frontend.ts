@@ -665,8 +665,9 @@ export class VhostUserFrontend extends EventEmitter {
    * @param size bytes to read (<= 256)
    * @param flags config flags (0 = front-end)
    * @returns the bytes
-   * @throws VhostUserError ERR_VHOST_REQUEST_FAILED when the reply's size differs (size 0 is the
-   *   back-end's error answer)
+   * @throws VhostUserError ERR_VHOST_REQUEST_FAILED (not fatal: the connection stays usable)
+   *   when the reply's size differs; an empty reply, or one of size 0, is the back-end's failure
+   *   answer (vhost-user: VHOST_USER_GET_CONFIG)
    */
   async getConfig(offset: number, size: number, flags = 0): Promise<Uint8Array> {
     this.#requireProtocol("GET_CONFIG", PF.CONFIG);
@@ -679,12 +680,10 @@ export class VhostUserFrontend extends EventEmitter {
     if (r.size !== size) {
       throw new VhostUserError(
         "ERR_VHOST_REQUEST_FAILED",
-        `reply of ${r.size} bytes, asked ${size}`,
-        {
-          request: "GET_CONFIG",
-          field: "size",
-          value: r.size,
-        },
+        r.size === 0
+          ? `the back-end failed the request (empty reply; asked ${size} bytes at ${offset})`
+          : `reply of ${r.size} bytes, asked ${size}`,
+        { request: "GET_CONFIG", field: "size", value: r.size, fatal: false },
       );
     }
     return r.payload;

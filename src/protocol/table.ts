@@ -250,6 +250,21 @@ export type FrontendTable = {
   >;
 };
 
+/**
+ * GET_CONFIG's reply: a config space, or an empty body, the spec's failure answer (libvhost-user
+ * back-ends such as vhost-user-gpu send it for a request they refuse). The empty body decodes
+ * as a config of size 0, which the front-end reports as a failed request, not a framing error.
+ */
+const configReplyCodec: Codec<ConfigSpace> = {
+  name: "config space",
+  size: { min: 0, max: configCodec.size.max },
+  decode(bytes, request) {
+    if (bytes.length === 0) return { offset: 0, size: 0, flags: 0, payload: new Uint8Array(0) };
+    return configCodec.decode(bytes, request);
+  },
+  encode: (value, request) => configCodec.encode(value, request),
+};
+
 /** The back-end request table, typed per id. */
 export type BackendTable = {
   readonly [K in BackendRequest]: RequestSpec<BackendRequestPayloads[K], BackendReplyPayloads[K]>;
@@ -494,9 +509,9 @@ export const FRONTEND_REQUESTS: FrontendTable = Object.freeze({
   }),
   [FR.GET_CONFIG]: entry(F, FR.GET_CONFIG, "GET_CONFIG", {
     codec: configCodec,
-    replyCodec: configCodec,
+    replyCodec: configReplyCodec,
     gate: PF.CONFIG,
-    summary: "read the device config space (reply size 0 = error)",
+    summary: "read the device config space (an empty reply, or size 0, = failure)",
   }),
   [FR.SET_CONFIG]: entry(F, FR.SET_CONFIG, "SET_CONFIG", {
     codec: configCodec,
