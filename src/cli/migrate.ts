@@ -44,6 +44,11 @@ const USAGE = `usage:
   vhostkit migrate incoming --listen HOST:PORT|unix:PATH --socket PATH [--control CTRL]
   vhostkit migrate --from CTRL --to HOST:PORT|unix:PATH [--max-iterations N]
                    [--stop-pages N] [--verify]
+
+What it supports: a virtio-net device (one queue pair) whose traffic comes from the built-in
+sequenced frame generator of "serve"; any vhost-user-net back-end on either side. To migrate
+another device type, or a device whose traffic your program makes, call migrateSource() and
+receiveMigration() from the library (docs/migration.md; examples/migrate-entropy-device.ts).
 `;
 
 /** Where a stream goes: TCP host and port, or a Unix socket path. */
