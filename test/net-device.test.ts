@@ -555,7 +555,7 @@ test("device: two queue pairs (MQ): flows use both pairs; VQ_PAIRS_SET over the 
   try {
     const pa = b.add("a", { queuePairs: 2 });
     const pb = b.add("b", { queuePairs: 2 });
-    const pc = b.add("c", { queuePairs: 2 });
+    const pc = b.add("c", { queuePairs: 2, offerConfig: true });
     // A and B: QEMU style (no control queue: every pair active)
     const A = await attach(b, pa, { name: "a", pairs: 2 });
     const B = await attach(b, pb, { name: "b", pairs: 2 });

@@ -146,6 +146,8 @@ export interface VhostUserDevice {
   queueStateChanged?(queue: BackendQueue): void;
   /** GET_CONFIG: return `size` bytes of config space from `offset`. */
   getConfig?(offset: number, size: number): Uint8Array;
+  /** offer PROTOCOL_F_CONFIG when {@link getConfig} exists (default true) */
+  readonly offerConfig?: boolean;
   /** SET_CONFIG. */
   setConfig?(offset: number, data: Uint8Array): void;
   /** SEND_RARP with the guest's MAC (vhost-user: VHOST_USER_SEND_RARP). */

@@ -295,7 +295,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   /** @returns the protocol features this back-end offers */
   offeredProtocolFeatures(): bigint {
     let pf = FRAMEWORK_PROTOCOL_FEATURES | (this.device.protocolFeatures ?? 0n);
-    if (this.device.getConfig) pf |= featureMask(ProtocolFeature.CONFIG);
+    if (this.device.getConfig && this.device.offerConfig !== false) {
+      pf |= featureMask(ProtocolFeature.CONFIG);
+    }
     if (this.device.saveState && this.device.loadState) {
       pf |= featureMask(ProtocolFeature.DEVICE_STATE);
     }

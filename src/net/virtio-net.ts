@@ -95,6 +95,13 @@ export interface VirtioNetOptions {
   ecn?: boolean;
   /** offer the control queue and its features (default true) */
   ctrl?: boolean;
+  /**
+   * offer PROTOCOL_F_CONFIG (default false): QEMU's vhost-user-net takes its config from its
+   * own command line and warns about a back-end that offers CONFIG, and DPDK's vhost library
+   * does not offer it for a net device. A front-end that reads the config space over
+   * vhost-user (GET_CONFIG, BACKEND_CONFIG_CHANGE_MSG for an announce) asks for it with true.
+   */
+  offerConfig?: boolean;
   /** TX chains handled per queue per turn (default 256) */
   txBudget?: number;
   /** the application's logger */
@@ -193,6 +200,8 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   readonly deviceId = 1;
   readonly features: bigint;
   readonly protocolFeatures: bigint;
+  /** whether PROTOCOL_F_CONFIG is offered (see {@link VirtioNetOptions.offerConfig}) */
+  readonly offerConfig: boolean;
   readonly queueCount: number;
   readonly queueNum: number;
   readonly maxQueueSize: number;
@@ -292,6 +301,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       ProtocolFeature.RARP,
       ProtocolFeature.MTU,
     );
+    this.offerConfig = options.offerConfig ?? false;
     this.pairCounters = Array.from({ length: pairs }, () => ({ rxFrames: 0, txFrames: 0 }));
     this.#held = Array.from({ length: pairs }, () => []);
     this.#heldBytes = new Array<number>(pairs).fill(0);
