@@ -9,7 +9,8 @@
  * connection goes on; a malformed ring breaks only that ring.
  */
 import { EventEmitter } from "node:events";
-import { native } from "../native.js";
+import { native, FileSeal, POLL_READABLE } from "../native.js";
+import type { FdWatcher } from "../native.js";
 import {
   BackendRequest,
   FrontendRequest,
@@ -184,6 +185,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #migrating = false;
   readonly #ownStateChannel: boolean;
   readonly #maxStateBytes: number;
+  /** eventfd the addon kicks when it survives a SIGBUS in any mapping (see native.mappingFault) */
+  #faultFd = -1;
+  #faultWatcher: FdWatcher | null = null;
   /** see {@link BackendSessionOptions.pollTurns} */
   readonly pollTurns: number;
   /** see {@link BackendSessionOptions.busyPollMicros} */
@@ -235,7 +239,61 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       this.#emitError(err);
     });
     channel.on("close", () => this.#teardown());
+    this.#watchFaults();
     device.attach?.(this);
+  }
+
+  /**
+   * Learn when the addon survives a SIGBUS (a front-end shrank the file behind a mapping):
+   * every session is told, each looks at its own mappings.
+   */
+  #watchFaults(): void {
+    const fd = native.faultSubscribe();
+    this.#faultFd = fd;
+    this.#faultWatcher = new native.FdWatcher(fd, () => {
+      native.eventfdRead(fd);
+      this.#checkFaults();
+    });
+    this.#faultWatcher.start(POLL_READABLE);
+  }
+
+  /**
+   * Close the connection when one of its mappings faulted, naming the region (vhost-user:
+   * VHOST_USER_SET_MEM_TABLE: the front-end must keep each region's file at least as large as
+   * the table says). The faulting pages read as zeros until then.
+   */
+  #checkFaults(): void {
+    if (this.#closed) return;
+    let what: string | null = null;
+    let value: unknown = null;
+    const regions = this.#frontendRegions();
+    for (const r of this.#regions) {
+      const f = native.mappingFault(r.buffer);
+      if (!f) continue;
+      const info = this.#origin.get(r) ?? r;
+      const offset = f.offset - r.base + (r.gpa - info.gpa);
+      what =
+        `memory region ${regions.indexOf(info)} (gpa 0x${info.gpa.toString(16)}, size 0x${info.size.toString(16)}): ` +
+        `SIGBUS at offset 0x${offset.toString(16)} (${f.faults} page(s)): its file is shorter than the memory table says`;
+      value = `0x${(info.gpa + offset).toString(16)}`;
+      break;
+    }
+    const log = this.#dirtyLog;
+    const lf = what === null && log ? native.mappingFault(log.buffer) : null;
+    if (lf) {
+      what = `dirty log (${log!.size} bytes): SIGBUS at offset 0x${lf.offset.toString(16)}: its file is shorter than SET_LOG_BASE said`;
+      value = lf.offset;
+    }
+    if (what === null) return;
+    const error = new VhostUserError("ERR_VHOST_REQUEST_FAILED", what, {
+      request: "memory access",
+      field: lf ? "log" : "gpa",
+      value,
+      fatal: true,
+    });
+    this.log.error(`${this.name}: ${error.message}; closing the connection`);
+    this.#emitError(error);
+    this.channel.close();
   }
 
   /** Emit `error` for listeners; without one, the log line already written is the report. */
@@ -960,6 +1018,12 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * @returns the mapped pieces in address order
    */
   #mapFrontendRegion(fd: number, info: RegionInfo): Region[] {
+    if ((native.fileSeals(fd) & FileSeal.SHRINK) === 0) {
+      this.log.info(
+        `${this.name}: memory region at gpa 0x${info.gpa.toString(16)} is not sealed against ` +
+          "shrinking (F_SEAL_SHRINK): if its file shrinks, the connection is closed",
+      );
+    }
     const pieces = mapRegionSplit(fd, info);
     for (const r of pieces) this.#origin.set(r, info);
     return pieces;
@@ -1300,6 +1364,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#logSource = null;
     if (this.#logFd >= 0) native.close(this.#logFd);
     this.#logFd = -1;
+    this.#faultWatcher?.close();
+    this.#faultWatcher = null;
+    if (this.#faultFd >= 0) native.faultUnsubscribe(this.#faultFd);
+    this.#faultFd = -1;
     this.log.info(`${this.name}: front-end disconnected`);
     this.emit("close");
   }
