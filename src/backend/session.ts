@@ -89,6 +89,17 @@ export interface BackendSessionOptions {
   /** Largest device state accepted on LOAD (default 64 MiB). */
   maxStateBytes?: number;
   /**
+   * A device-state transfer (SET_DEVICE_STATE_FD) that has not reached its end after this many
+   * milliseconds fails (default 60 000); it also ends when the connection closes.
+   */
+  stateTimeoutMs?: number;
+  /**
+   * Most requests waiting to be handled (behind a slow one, e.g. CHECK_DEVICE_STATE waiting
+   * for a transfer) before the connection is closed: count, payload bytes and fds (default
+   * {@link DEFAULT_REQUEST_BACKLOG}).
+   */
+  requestBacklog?: { requests: number; bytes: number; fds: number };
+  /**
    * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
    * after the last turn that found work; 0 (the default) disables it. `SPIN_IDLE_TURNS` (vring.ts)
    * is an example value; measured against DPDK on 2 cores it lowered throughput.
@@ -103,8 +114,13 @@ export interface BackendSessionOptions {
   busyPollMicros?: number;
 }
 
+/** Default {@link BackendSessionOptions.requestBacklog}. */
+export const DEFAULT_REQUEST_BACKLOG = Object.freeze({ requests: 1024, bytes: 1 << 20, fds: 256 });
+
 /** Outcome of the last device-state transfer, for CHECK_DEVICE_STATE. */
 interface StateTransfer {
+  /** aborts the transfer (connection closed, or timed out) */
+  abort: AbortController;
   direction: DeviceStateDirection;
   done: Promise<void>;
   error: Error | null;
@@ -185,6 +201,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #migrating = false;
   readonly #ownStateChannel: boolean;
   readonly #maxStateBytes: number;
+  readonly #stateTimeoutMs: number;
+  readonly #backlogLimit: { requests: number; bytes: number; fds: number };
+  /** requests received and not yet handled, with their payload bytes and fds */
+  readonly #backlog = { requests: 0, bytes: 0, fds: 0 };
   /** eventfd the addon kicks when it survives a SIGBUS in any mapping (see native.mappingFault) */
   #faultFd = -1;
   #faultWatcher: FdWatcher | null = null;
@@ -209,6 +229,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.log = options.logger;
     this.#ownStateChannel = options.ownStateChannel ?? false;
     this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
+    this.#stateTimeoutMs = options.stateTimeoutMs ?? 60_000;
+    this.#backlogLimit = options.requestBacklog ?? DEFAULT_REQUEST_BACKLOG;
     this.pollTurns = options.pollTurns ?? 0;
     if (!Number.isInteger(this.pollTurns) || this.pollTurns < 0) {
       throw new RangeError(
@@ -223,9 +245,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
     this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
     channel.on("message", (msg: FrontendMessage) => {
+      if (!this.#admit(msg)) return;
+      const cost = { bytes: msg.size, fds: msg.fds.length };
       // Requests are handled strictly in order: GET_VRING_BASE may wait for in-flight buffers.
       this.#queue = this.#queue
         .then(() => this.#dispatch(msg))
+        .finally(() => {
+          this.#backlog.requests--;
+          this.#backlog.bytes -= cost.bytes;
+          this.#backlog.fds -= cost.fds;
+        })
         .catch((err: unknown) => {
           // #dispatch reports its own failures; anything reaching here is a bug in the
           // framework. Log it and keep the chain alive so later requests are still handled.
@@ -238,9 +267,46 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       this.log.error(`${this.name}: connection error: ${err.message}`);
       this.#emitError(err);
     });
-    channel.on("close", () => this.#teardown());
+    channel.on("close", (cause?: Error) => {
+      if (cause && !this.#closed)
+        this.log.warn(`${this.name}: connection closed: ${cause.message}`);
+      this.#teardown();
+    });
     this.#watchFaults();
     device.attach?.(this);
+  }
+
+  /**
+   * Count a request into the backlog, or close the connection when it would exceed the limit
+   * (a front-end that keeps sending behind a request that waits cannot make the process hold
+   * its fds and messages without bound).
+   * @returns false when the request was refused (its fds closed, the connection closing)
+   */
+  #admit(msg: FrontendMessage): boolean {
+    const b = this.#backlog;
+    const max = this.#backlogLimit;
+    if (
+      b.requests + 1 > max.requests ||
+      b.bytes + msg.size > max.bytes ||
+      b.fds + msg.fds.length > max.fds
+    ) {
+      for (const fd of msg.fds) native.close(fd);
+      if (this.#closed) return false;
+      const error = new VhostUserError(
+        "ERR_VHOST_REQUEST_FAILED",
+        `too many requests waiting (${b.requests} requests, ${b.bytes} bytes, ${b.fds} fds; ` +
+          `at most ${max.requests}, ${max.bytes}, ${max.fds})`,
+        { request: msg.name, field: "backlog", value: b.requests, fatal: true },
+      );
+      this.log.error(`${this.name}: ${error.message}; closing the connection`);
+      this.#emitError(error);
+      this.channel.close();
+      return false;
+    }
+    b.requests++;
+    b.bytes += msg.size;
+    b.fds += msg.fds.length;
+    return true;
   }
 
   /**
@@ -480,7 +546,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         this.channel.close();
         return;
       }
-      this.#fail(msg);
+      if (!this.#fail(msg)) {
+        // The front-end would believe the request succeeded: end the connection instead (as
+        // DPDK and rust-vmm do), naming the request and value in the log line above.
+        this.log.error(
+          `${this.name}: ${msg.name} failed and the front-end cannot be told (no reply, no ` +
+            "REPLY_ACK): closing the connection",
+        );
+        this.channel.close();
+      }
     }
   }
 
@@ -488,14 +562,19 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * Answer a failed request where an answer is due, from the request table: a request with a
    * reply body gets the table's failure body (vhost-user: "Communication"), any other gets a
    * failed REPLY_ACK when it asked for one.
+   * @returns false when the front-end cannot be told (no reply body, no REPLY_ACK asked for)
    */
-  #fail(msg: FrontendMessage): void {
+  #fail(msg: FrontendMessage): boolean {
     const spec: AnyRequestSpec | undefined = requestSpec("frontend", msg.request);
     if (spec && hasExplicitReply(spec, this.#protocolFeatures)) {
       this.channel.reply(msg.request, failureReply(spec, msg.payload) as never);
-      return;
+      return true;
     }
-    if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, false);
+    if (msg.needReply && this.#replyAck()) {
+      this.channel.ack(msg.request, false);
+      return true;
+    }
+    return false;
   }
 
   #replyAck(): boolean {
@@ -731,6 +810,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
           );
         }
         const fd = noFd ? -1 : msg.fds[0]!;
+        // LIFETIME: a kick fd is installed only once it is known to be watchable; a bad one
+        // is closed and the ring keeps the one it had.
+        if (msg.request === FrontendRequest.SET_VRING_KICK) checkKickFd(msg.name, index, fd);
         if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
         else if (msg.request === FrontendRequest.SET_VRING_CALL) vring.setCall(fd);
         else vring.setErr(fd);
@@ -1241,6 +1323,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       native.setNonBlocking(fd, true);
     }
     const transfer: StateTransfer = {
+      abort: new AbortController(),
       direction,
       done: Promise.resolve(),
       error: null,
@@ -1255,23 +1338,39 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     } else {
       this.channel.reply(msg.request, { result: 0, noFd: true });
     }
+    // LIFETIME: the transfer ends by itself, when the connection closes, or at the timeout;
+    // its fd is closed in every case.
+    const timer = setTimeout(() => transfer.abort.abort(), this.#stateTimeoutMs);
+    timer.unref();
     transfer.done = (
       direction === DeviceStateDirection.SAVE
         ? this.#saveTo(fd, transfer)
         : this.#loadFrom(fd, transfer)
-    ).then(
-      () => {
-        transfer.settled = true;
-        this.log.info(
-          `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
+    )
+      .catch((err: Error) => {
+        if (!transfer.abort.signal.aborted) throw err;
+        throw new VhostUserError(
+          "ERR_VHOST_TIMEOUT",
+          this.#closed
+            ? "connection closed during the device state transfer"
+            : `device state transfer did not end within ${this.#stateTimeoutMs} ms`,
+          { request: msg.name, field: "bytes", value: transfer.bytes, fatal: false, cause: err },
         );
-      },
-      (err: Error) => {
-        transfer.settled = true;
-        transfer.error = err;
-        this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
-      },
-    );
+      })
+      .finally(() => clearTimeout(timer))
+      .then(
+        () => {
+          transfer.settled = true;
+          this.log.info(
+            `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
+          );
+        },
+        (err: Error) => {
+          transfer.settled = true;
+          transfer.error = err;
+          this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
+        },
+      );
   }
 
   async #saveTo(fd: number, transfer: StateTransfer): Promise<void> {
@@ -1284,11 +1383,14 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       throw err;
     }
     transfer.bytes = data.length;
-    await writeStateToFd(fd, data);
+    await writeStateToFd(fd, data, { signal: transfer.abort.signal });
   }
 
   async #loadFrom(fd: number, transfer: StateTransfer): Promise<void> {
-    const data = await readStateFromFd(fd, { maxBytes: this.#maxStateBytes });
+    const data = await readStateFromFd(fd, {
+      maxBytes: this.#maxStateBytes,
+      signal: transfer.abort.signal,
+    });
     transfer.bytes = data.length;
     if (!this.device.loadState) throw new Error("device cannot load a state");
     await this.device.loadState(data);
@@ -1350,6 +1452,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #teardown(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // A transfer still running ends now (its fd is closed), so requests queued behind a
+    // CHECK_DEVICE_STATE are released (their fds closed) at once.
+    this.#transfer?.abort.abort();
     for (const v of this.vrings) v.dispose();
     this.device.detach?.();
     this.#backendChannel?.close();
@@ -1431,6 +1536,29 @@ function validateLayout(request: string, regions: readonly RegionLayout[]): void
         );
       }
     }
+  }
+}
+
+/**
+ * Check that a kick fd can be watched (epoll refuses regular files, for one) before it
+ * replaces the ring's current one.
+ * @param request the request name for errors
+ * @param index queue index
+ * @param fd the new kick fd, or -1 (no fd: nothing to check)
+ * @throws VhostUserError ERR_VHOST_BAD_FIELD naming the fd and the errno (the fd is closed)
+ */
+function checkKickFd(request: string, index: number, fd: number): void {
+  if (fd < 0) return;
+  let watcher: FdWatcher | null = null;
+  try {
+    watcher = new native.FdWatcher(fd, () => undefined);
+    watcher.start(POLL_READABLE);
+  } catch (err) {
+    native.close(fd);
+    const code = (err as { code?: string }).code ?? String(err);
+    throw badField(request, "fd", fd, `queue ${index}: kick fd cannot be watched (${code})`);
+  } finally {
+    watcher?.close();
   }
 }
 
