@@ -6,7 +6,8 @@
  * channel from the request table; this file checks semantics (negotiated features, ring
  * indices, memory ranges). A request that fails its checks gets a failure reply where a reply
  * is due (REPLY_ACK or a reply body), a log line naming the request and the value, and the
- * connection goes on; a malformed ring breaks only that ring.
+ * connection goes on; when no answer is due the front-end cannot be told, and the connection
+ * is closed instead. A malformed ring breaks only that ring.
  */
 import { EventEmitter } from "node:events";
 import { native, FileSeal, POLL_READABLE } from "../native.js";
