@@ -7,7 +7,9 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-import { VirtioFeature, featureSet } from "../src/protocol/constants.js";
+import { native } from "../src/native.js";
+import { FrontendRequest, VirtioFeature, featureSet } from "../src/protocol/constants.js";
+import { encodeRequest } from "../src/protocol/framing.js";
 import { gpa as toGpa } from "../src/memory/address.js";
 import { GUEST_FEATURES, SwitchProcess, connectGuest, forward } from "./hardening-helpers.js";
 import type { TestGuest } from "./hardening-helpers.js";
@@ -207,6 +209,135 @@ export async function runSoak(cycles: number): Promise<RunFigures> {
     figures.alive = sw.alive;
   } finally {
     for (const g of guests) g.close();
+    await sw.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+  return figures;
+}
+
+/** Valid requests the hostile front-end starts from (then mutates). */
+function seedMessages(): Uint8Array[] {
+  const enc = (r: FrontendRequest, p: unknown): Uint8Array =>
+    encodeRequest("frontend", r as never, p as never, {});
+  return [
+    enc(FrontendRequest.GET_FEATURES, null),
+    enc(FrontendRequest.SET_OWNER, null),
+    enc(FrontendRequest.GET_PROTOCOL_FEATURES, null),
+    enc(FrontendRequest.SET_FEATURES, 0x1_0000_0000n),
+    enc(FrontendRequest.SET_VRING_NUM, { index: 0, num: 256 }),
+    enc(FrontendRequest.SET_VRING_BASE, { index: 1, num: 0 }),
+    enc(FrontendRequest.SET_VRING_ENABLE, { index: 0, num: 1 }),
+    enc(FrontendRequest.SET_VRING_CALL, { index: 0, noFd: false }),
+    enc(FrontendRequest.SET_VRING_KICK, { index: 1, noFd: false }),
+    enc(FrontendRequest.GET_VRING_BASE, { index: 0, num: 0 }),
+    enc(FrontendRequest.GET_QUEUE_NUM, null),
+    enc(FrontendRequest.SET_STATUS, 0xfn),
+  ];
+}
+
+/**
+ * Hostile front-end: random sequences of valid and mutated messages, with fds (eventfds and
+ * memfds), on connections to a switch port that are made again every 50 messages (or when the
+ * switch closes one). Replies are read and dropped.
+ * @param inputs messages to send
+ * @param seed PRNG seed
+ * @returns the figures (fds and RSS of the switch at start and end)
+ */
+export async function runFrontendFuzz(inputs: number, seed = 1): Promise<RunFigures> {
+  const dir = mkdtempSync(join(tmpdir(), "vk-fefuzz-"));
+  const path = join(dir, "a.sock");
+  const sw = new SwitchProcess(["--socket", path]);
+  const next = rng(seed);
+  const seeds = seedMessages();
+  const figures: RunFigures = {
+    inputs: 0,
+    reconnects: 0,
+    knownSent: 0,
+    knownReceived: 0,
+    fds: [0, 0],
+    rssKiB: [0, 0],
+    alive: false,
+  };
+  const sink = new Uint8Array(65536);
+  let fd = -1;
+  try {
+    await sw.ready();
+    figures.fds[0] = sw.fdCount();
+    figures.rssKiB[0] = sw.rssKiB();
+    let onConn = 0;
+    while (figures.inputs < inputs) {
+      if (fd < 0 || onConn >= 50) {
+        if (fd >= 0) native.close(fd);
+        fd = -1;
+        // the switch serves one front-end at a time: let it see the hang-up
+        for (let t = 0; t < 100 && fd < 0; t++) {
+          try {
+            fd = native.unixConnect(path);
+          } catch {
+            await new Promise((r) => setTimeout(r, 2));
+          }
+        }
+        figures.reconnects++;
+        onConn = 0;
+      }
+      const base = seeds[next() % seeds.length]!;
+      const msg = base.slice();
+      const mode = next() % 4;
+      if (mode === 1) {
+        for (let k = 0; k < 1 + (next() % 3); k++) msg[next() % msg.length] = next() & 0xff;
+      } else if (mode === 2 && msg.length > 12) {
+        for (let k = 12; k < msg.length; k++) msg[k] = next() & 0xff; // random payload
+      } else if (mode === 3) {
+        msg[0] = next() % 60; // another request id with this payload
+      }
+      const fds: number[] = [];
+      const nfds = next() % 3;
+      for (let k = 0; k < nfds; k++) {
+        fds.push(next() % 2 === 0 ? native.eventfd(0) : native.memfdCreate("fuzz"));
+      }
+      try {
+        native.sendmsg(fd, msg, 0, msg.length, fds);
+      } catch {
+        native.close(fd);
+        fd = -1;
+      } finally {
+        for (const f of fds) native.close(f);
+      }
+      figures.inputs++;
+      onConn++;
+      if (fd >= 0) {
+        for (;;) {
+          let r;
+          try {
+            r = native.recvmsg(fd, sink, 0, sink.length);
+          } catch {
+            r = { bytes: 0, fds: [] as number[], fdsTruncated: false };
+          }
+          if (r === null) break;
+          for (const f of r.fds) native.close(f);
+          if (r.bytes === 0) {
+            native.close(fd);
+            fd = -1;
+            break;
+          }
+        }
+      }
+      if (figures.inputs % 100 === 0) await new Promise((r) => setImmediate(r));
+      if (figures.inputs % 5000 === 0) {
+        assert.equal(sw.alive, true, `the switch died: ${sw.stderr.slice(-2000)}`);
+      }
+    }
+    if (fd >= 0) native.close(fd);
+    fd = -1;
+    const end = Date.now() + 3000;
+    while (sw.fdCount() > figures.fds[0] && Date.now() < end) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    figures.fds[1] = sw.fdCount();
+    figures.rssKiB[1] = sw.rssKiB();
+    figures.alive = sw.alive;
+  } finally {
+    if (fd >= 0) native.close(fd);
     await sw.stop();
     rmSync(dir, { recursive: true, force: true });
   }
