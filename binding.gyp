@@ -5,6 +5,7 @@
       "sources": [
         "native/vhostkit.c",
         "native/vk_errors.c",
+        "native/vk_fault.c",
         "native/vk_fd.c",
         "native/vk_mmap.c",
         "native/vk_socket.c",

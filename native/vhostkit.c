@@ -71,7 +71,7 @@ static napi_value Init(napi_env env, napi_value exports) {
   }
   if (!vk_register_fd(env, exports) || !vk_register_mmap(env, exports) ||
       !vk_register_socket(env, exports) || !vk_register_watcher(env, exports) ||
-      !vk_register_tap(env, exports)) {
+      !vk_register_tap(env, exports) || !vk_register_fault(env, exports)) {
     return vk_napi_failed(env, "vhostkit init");
   }
   return exports;

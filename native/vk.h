@@ -4,14 +4,15 @@
  * The addon is split by concern: vhostkit.c (module init, per-environment state, teardown),
  * vk_errors.c (errors and argument checks), vk_fd.c (plain fd syscalls), vk_mmap.c (memfd,
  * mmap and the mapping registry), vk_socket.c (Unix sockets, SCM_RIGHTS), vk_watcher.c
- * (FdWatcher) and vk_tap.c (TAP devices). The typed surface is src/native.ts; keep both in step.
+ * (FdWatcher), vk_tap.c (TAP devices) and vk_fault.c (SIGBUS in mappings). The typed surface is src/native.ts; keep both in step.
  *
  * Conventions:
  * - Every exported function checks all of its arguments before its first syscall. An argument
  *   error throws code "EINVAL_ARG", errno 0, syscall = the JS function name.
  * - A syscall failure throws code = errno name, errno = number, syscall = syscall name.
  * - There is no mutable global state: everything lives in vk_state, one per napi_env (main
- *   thread and each worker), attached with napi_set_instance_data.
+ *   thread and each worker), attached with napi_set_instance_data. The one exception is the
+ *   SIGBUS table of vk_fault.c (a signal handler cannot reach per-environment state).
  */
 #ifndef VHOSTKIT_VK_H
 #define VHOSTKIT_VK_H
@@ -144,6 +145,18 @@ bool vk_register_mmap(napi_env env, napi_value exports);
 bool vk_register_socket(napi_env env, napi_value exports);
 bool vk_register_watcher(napi_env env, napi_value exports);
 bool vk_register_tap(napi_env env, napi_value exports);
+bool vk_register_fault(napi_env env, napi_value exports);
+
+/* ---- vk_fault.c: SIGBUS in mappings ---- */
+/**
+ * Enter a mapping in the SIGBUS table. Returns its slot, or -1 when the table is full or the
+ * handler could not be installed (a fault in the mapping is then fatal).
+ */
+int vk_fault_register(void* addr, size_t length, int prot);
+/** Remove a mapping from the table (before it is unmapped). Ignores -1. */
+void vk_fault_unregister(int slot);
+/** Faults survived in a slot and the offset of the first. False for an invalid slot. */
+bool vk_fault_info(int slot, uint32_t* faults, size_t* first_offset);
 
 /* ---- teardown hooks ---- */
 /** Unmap every live mapping (the environment is gone; no JS can reach them any more). */

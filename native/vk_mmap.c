@@ -36,6 +36,8 @@ typedef struct vk_mapping {
   bool creating;
   /** the finalizer ran while creating (buffer creation failed) */
   bool finalized_early;
+  /** slot in the SIGBUS table (vk_fault.c), or -1 */
+  int fault_slot;
   struct vk_mapping* prev;
   struct vk_mapping* next;
 } vk_mapping;
@@ -63,6 +65,8 @@ static void mapping_unlink(vk_mapping* m) {
 
 static void mapping_release(vk_mapping* m) {
   if (!m->unmapped) {
+    vk_fault_unregister(m->fault_slot);
+    m->fault_slot = -1;
     munmap(m->addr, m->length);
     m->unmapped = true;
   }
@@ -153,6 +157,7 @@ static napi_value fn_mmap(napi_env env, napi_callback_info info) {
 
   vk_mapping* m = calloc(1, sizeof *m);
   if (m == NULL) return vk_throw_errno(env, "mmap", ENOMEM);
+  m->fault_slot = -1;
   /* A read-only mapping is still exposed as a plain ArrayBuffer: writing to it from JS faults
    * (SIGSEGV). Callers map read-only only what they never write. */
   void* addr = mmap(NULL, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED,
@@ -164,6 +169,9 @@ static napi_value fn_mmap(napi_env env, napi_callback_info info) {
   }
   m->addr = addr;
   m->length = (size_t)length;
+  /* A fault beyond the end of the file (the front-end shrank it) is survived, see vk_fault.c */
+  m->fault_slot =
+      vk_fault_register(addr, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0));
   m->state = state;
   m->creating = true;
   state->mapping_records++;
@@ -229,6 +237,8 @@ static napi_value fn_munmap(napi_env env, napi_callback_info info) {
   if (napi_detach_arraybuffer(env, a.argv[0]) != napi_ok) return vk_napi_failed(env, "munmap");
   if (m == NULL) return vk_undefined(env); /* already unmapped at environment exit */
   mapping_unlink(m);
+  vk_fault_unregister(m->fault_slot);
+  m->fault_slot = -1;
   if (munmap(m->addr, m->length) < 0) {
     /* The finalizer retries, since m->unmapped stays false. */
     return vk_throw_errno(env, "munmap", errno);
@@ -237,10 +247,43 @@ static napi_value fn_munmap(napi_env env, napi_callback_info info) {
   return vk_undefined(env);
 }
 
+/** mappingFault(buffer): {faults, offset} | null. Faults survived in a mapping made by mmap. */
+static napi_value fn_mapping_fault(napi_env env, napi_callback_info info) {
+  vk_args a;
+  if (!vk_args_get(env, info, "mappingFault", &a)) return NULL;
+  vk_state* state = vk_get_state(env);
+  if (state == NULL) return vk_napi_failed(env, "mappingFault");
+  bool is = false, tagged = false;
+  if (napi_is_arraybuffer(env, a.argv[0], &is) != napi_ok || !is ||
+      napi_check_object_type_tag(env, a.argv[0], &kMappingTag, &tagged) != napi_ok || !tagged) {
+    return vk_throw_arg(env, a.fn, a.argv[0], "buffer must be an ArrayBuffer returned by mmap");
+  }
+  void* data = NULL;
+  size_t length = 0;
+  if (napi_get_arraybuffer_info(env, a.argv[0], &data, &length) != napi_ok) {
+    return vk_napi_failed(env, "mappingFault");
+  }
+  vk_mapping* m = state->live_mappings;
+  while (m != NULL && (m->addr != data || length == 0)) m = m->next;
+  uint32_t faults = 0;
+  size_t offset = 0;
+  if (m == NULL || !vk_fault_info(m->fault_slot, &faults, &offset) || faults == 0) {
+    return vk_null(env);
+  }
+  napi_value result;
+  if (napi_create_object(env, &result) != napi_ok ||
+      napi_set_named_property(env, result, "faults", vk_number(env, faults)) != napi_ok ||
+      napi_set_named_property(env, result, "offset", vk_number(env, (double)offset)) != napi_ok) {
+    return vk_napi_failed(env, "mappingFault");
+  }
+  return result;
+}
+
 bool vk_register_mmap(napi_env env, napi_value exports) {
   static const vk_fn fns[] = {
       {"memfdCreate", fn_memfd_create}, {"ftruncate", fn_ftruncate}, {"fstatSize", fn_fstat_size},
       {"mmap", fn_mmap},                {"munmap", fn_munmap},
+      {"mappingFault", fn_mapping_fault},
   };
   return vk_export_fns(env, exports, fns, sizeof fns / sizeof fns[0]);
 }

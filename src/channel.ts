@@ -153,7 +153,16 @@ export interface ChannelOptions<K extends ChannelKind> {
   receiveBufferSize?: number;
   /** native calls (default: the addon) */
   io?: ChannelIo;
+  /**
+   * Largest write queue (messages the peer has not read yet) before the channel closes: a peer
+   * that never reads its replies cannot make this process hold them forever. Default
+   * {@link DEFAULT_WRITE_QUEUE_LIMIT}.
+   */
+  writeQueueLimit?: { messages: number; bytes: number };
 }
+
+/** Default {@link ChannelOptions.writeQueueLimit}: 1024 messages or 1 MiB, whichever first. */
+export const DEFAULT_WRITE_QUEUE_LIMIT = Object.freeze({ messages: 1024, bytes: 1 << 20 });
 
 /** Options of {@link Channel.request}. */
 export interface RequestOptions {
@@ -231,6 +240,8 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
   readonly #recvBuffer: Uint8Array;
   readonly #pending: Pending[] = [];
   readonly #writeQueue: Outgoing[] = [];
+  #writeQueueBytes = 0;
+  readonly #writeQueueLimit: { messages: number; bytes: number };
   readonly #diag = diagnostics_channel.channel(MESSAGE_DIAGNOSTICS_CHANNEL);
   #protocolFeatures = 0n;
   #watching = 0;
@@ -254,6 +265,13 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
     this.table = options.kind === "main" ? "frontend" : "backend";
     this.isRequester = (options.kind === "main") === (options.role === "frontend");
     this.#recvBuffer = new Uint8Array(options.receiveBufferSize ?? 64 * 1024);
+    // The side that answers (a back-end on the main channel) bounds its queue by default: what
+    // it queues is replies the peer asked for and does not read.
+    this.#writeQueueLimit =
+      options.writeQueueLimit ??
+      (this.isRequester
+        ? { messages: Number.POSITIVE_INFINITY, bytes: Number.POSITIVE_INFINITY }
+        : DEFAULT_WRITE_QUEUE_LIMIT);
     this.#decoder = new MessageDecoder({
       table: this.table,
       expect: this.isRequester ? "reply" : "request",
@@ -285,6 +303,17 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
   /** Messages queued because the socket buffer was full. */
   get writeQueueLength(): number {
     return this.#writeQueue.length;
+  }
+
+  /**
+   * Read what the socket holds now, as the watcher would (bounded: at most a few bursts), so a
+   * hang-up already queued in the socket closes the channel before the caller decides
+   * anything (e.g. whether a new connection is a second front-end).
+   * @returns true when the channel is closed afterwards
+   */
+  pollHangup(): boolean {
+    for (let i = 0; i < 4 && !this.#closed; i++) this.#read();
+    return this.#closed;
   }
 
   /** Protocol features negotiated on this connection (see {@link setNegotiatedProtocolFeatures}). */
@@ -451,6 +480,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
     for (const fd of this.#decoder.drainFds()) this.#closeFd(fd);
     for (const out of this.#writeQueue) for (const fd of out.fds) this.#closeFd(fd);
     this.#writeQueue.length = 0;
+    this.#writeQueueBytes = 0;
     const pending = this.#pending.splice(0);
     for (const p of pending) {
       if (p.timer) clearTimeout(p.timer);
@@ -575,10 +605,26 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
         offset: sent ?? 0,
         fds: sent === null ? this.#dupAll(fds) : [],
       });
+      this.#writeQueueBytes += data.length;
       this.#watch(POLL_READABLE | POLL_WRITABLE);
       return;
     }
+    if (
+      this.#writeQueue.length >= this.#writeQueueLimit.messages ||
+      this.#writeQueueBytes + data.length > this.#writeQueueLimit.bytes
+    ) {
+      // The peer does not read what it is sent: drop the connection rather than queue forever.
+      this.close(
+        new VhostUserError(
+          "ERR_VHOST_CLOSED",
+          `peer does not read: ${this.#writeQueue.length} messages (${this.#writeQueueBytes} bytes) queued`,
+          { request: this.#nameOf(data), field: "write queue", value: this.#writeQueue.length },
+        ),
+      );
+      return;
+    }
     this.#writeQueue.push({ data, offset: 0, fds: this.#dupAll(fds) });
+    this.#writeQueueBytes += data.length;
   }
 
   #dupAll(fds: readonly number[]): number[] {
@@ -615,7 +661,10 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
         out.fds = [];
       }
       out.offset += sent;
-      if (out.offset >= out.data.length) this.#writeQueue.shift();
+      if (out.offset >= out.data.length) {
+        this.#writeQueue.shift();
+        this.#writeQueueBytes -= out.data.length;
+      }
     }
     if (!this.#closed) {
       this.#watch(POLL_READABLE);

@@ -27,6 +27,18 @@ export interface RecvResult {
   fdsTruncated: boolean;
 }
 
+/** File seals (fcntl F_ADD_SEALS / F_GET_SEALS), as in <linux/fcntl.h>. */
+export const FileSeal = {
+  /** the seal set itself is sealed */
+  SEAL: 0x1,
+  /** the file cannot shrink: no SIGBUS on a mapping of it */
+  SHRINK: 0x2,
+  /** the file cannot grow */
+  GROW: 0x4,
+  /** the contents cannot be written */
+  WRITE: 0x8,
+} as const;
+
 /** Readiness events for {@link FdWatcher}. */
 export const POLL_READABLE = 1;
 /** Readiness events for {@link FdWatcher}. */
@@ -69,6 +81,32 @@ export interface NativeBinding {
    * view can reach the unmapped pages). Idempotent; throws for a buffer that mmap did not make.
    */
   munmap(buffer: ArrayBuffer): void;
+  /**
+   * Faults survived in a mapping made by {@link mmap}: a SIGBUS on an access beyond the end of
+   * its file (the file was shrunk after mapping) is answered by mapping anonymous zero memory
+   * over the faulting page, so the access goes on and reads zeros. Returns the number of such
+   * faults and the byte offset in the mapping of the first, or `null` when there was none (or
+   * the buffer is unmapped). A SIGBUS outside every mapping is fatal as before.
+   */
+  mappingFault(buffer: ArrayBuffer): { faults: number; offset: number } | null;
+  /**
+   * An eventfd (non-blocking) to which the addon adds 1 on every fault it survives in any
+   * mapping of the process. Watch it with {@link FdWatcher}, read it with {@link eventfdRead},
+   * then ask {@link mappingFault} which of one's own mappings faulted. Owned by the addon:
+   * release it with {@link faultUnsubscribe}, never with {@link close}.
+   */
+  faultSubscribe(): number;
+  /** Stop the notifications of {@link faultSubscribe} and close its eventfd. */
+  faultUnsubscribe(fd: number): void;
+  /** Faults survived in this process so far (all mappings). */
+  faultCount(): number;
+  /**
+   * fcntl(fd, F_GET_SEALS): the file's seals (see {@link FileSeal}), or 0 for a file that
+   * cannot carry seals.
+   */
+  fileSeals(fd: number): number;
+  /** fcntl(fd, F_ADD_SEALS, seals). */
+  addSeals(fd: number, seals: number): void;
   /** The system page size. */
   pageSize(): number;
   /** eventfd(initval, EFD_CLOEXEC | EFD_NONBLOCK). */

@@ -14,6 +14,7 @@ import type { Frame, FrameMeta, PortHost, PortOffloads, SwitchPort } from "../sr
 import {
   EtherType,
   IpProto,
+  MAX_GSO_SEGMENTS,
   fillL4Checksum,
   fold16,
   formatMac,
@@ -441,6 +442,27 @@ test("switch: a TSO frame passes to a TSO port and is segmented (valid checksums
   assert.equal(plain.counters.drops.offload, 1);
   const st = sw.stats();
   assert.equal(st.softwareGso.frames, 2 + 3 + 4, "v4: 2 ports, v6: 3 ports, ECN: 4 ports");
+  sw.close();
+});
+
+test("gso_size 1 stall: a TSO frame that would need more than MAX_GSO_SEGMENTS segments is dropped and counted", () => {
+  const { sw, ports } = setup(1);
+  const plain = new FakePort("plain");
+  sw.addPort(plain);
+  const src = ports[0] as FakePort;
+  // 65 000 payload bytes at gso_size 1: 65 000 segments before the bound
+  src.send(tcpGsoFrame(BCAST, mac(1), 65_000), {
+    gso: { type: "tcpv4", size: 1, hdrLen: 54 },
+    needsCsum: { start: 34, offset: 16 },
+  });
+  assert.equal(plain.got.length, 0, "no segment delivered");
+  assert.equal(src.counters.drops["gso-segments"], 1);
+  // exactly MAX_GSO_SEGMENTS still passes
+  src.send(tcpGsoFrame(BCAST, mac(1), MAX_GSO_SEGMENTS * 8), {
+    gso: { type: "tcpv4", size: 8, hdrLen: 54 },
+    needsCsum: { start: 34, offset: 16 },
+  });
+  assert.equal(plain.got.length, MAX_GSO_SEGMENTS);
   sw.close();
 });
 

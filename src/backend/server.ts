@@ -150,6 +150,9 @@ export class BackendServer extends EventEmitter {
         return;
       }
       if (fd === null) return;
+      // ORDERING: a front-end that hung up and connected again at once has its hang-up still
+      // queued on the old socket: process it before deciding that this is a second one.
+      this.#session?.channel.pollHangup();
       if (this.#session) {
         this.log.warn(`${this.path}: refusing a second front-end while one is connected`);
         native.close(fd);

@@ -6,10 +6,12 @@
  * channel from the request table; this file checks semantics (negotiated features, ring
  * indices, memory ranges). A request that fails its checks gets a failure reply where a reply
  * is due (REPLY_ACK or a reply body), a log line naming the request and the value, and the
- * connection goes on; a malformed ring breaks only that ring.
+ * connection goes on; when no answer is due the front-end cannot be told, and the connection
+ * is closed instead. A malformed ring breaks only that ring.
  */
 import { EventEmitter } from "node:events";
-import { native } from "../native.js";
+import { native, FileSeal, POLL_READABLE } from "../native.js";
+import type { FdWatcher } from "../native.js";
 import {
   BackendRequest,
   FrontendRequest,
@@ -88,6 +90,17 @@ export interface BackendSessionOptions {
   /** Largest device state accepted on LOAD (default 64 MiB). */
   maxStateBytes?: number;
   /**
+   * A device-state transfer (SET_DEVICE_STATE_FD) that has not reached its end after this many
+   * milliseconds fails (default 60 000); it also ends when the connection closes.
+   */
+  stateTimeoutMs?: number;
+  /**
+   * Most requests waiting to be handled (behind a slow one, e.g. CHECK_DEVICE_STATE waiting
+   * for a transfer) before the connection is closed: count, payload bytes and fds (default
+   * {@link DEFAULT_REQUEST_BACKLOG}).
+   */
+  requestBacklog?: { requests: number; bytes: number; fds: number };
+  /**
    * Adaptive polling: event-loop turns a ring is polled (driver notifications suppressed)
    * after the last turn that found work; 0 (the default) disables it. `SPIN_IDLE_TURNS` (vring.ts)
    * is an example value; measured against DPDK on 2 cores it lowered throughput.
@@ -102,8 +115,13 @@ export interface BackendSessionOptions {
   busyPollMicros?: number;
 }
 
+/** Default {@link BackendSessionOptions.requestBacklog}. */
+export const DEFAULT_REQUEST_BACKLOG = Object.freeze({ requests: 1024, bytes: 1 << 20, fds: 256 });
+
 /** Outcome of the last device-state transfer, for CHECK_DEVICE_STATE. */
 interface StateTransfer {
+  /** aborts the transfer (connection closed, or timed out) */
+  abort: AbortController;
   direction: DeviceStateDirection;
   done: Promise<void>;
   error: Error | null;
@@ -184,6 +202,13 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #migrating = false;
   readonly #ownStateChannel: boolean;
   readonly #maxStateBytes: number;
+  readonly #stateTimeoutMs: number;
+  readonly #backlogLimit: { requests: number; bytes: number; fds: number };
+  /** requests received and not yet handled, with their payload bytes and fds */
+  readonly #backlog = { requests: 0, bytes: 0, fds: 0 };
+  /** eventfd the addon kicks when it survives a SIGBUS in any mapping (see native.mappingFault) */
+  #faultFd = -1;
+  #faultWatcher: FdWatcher | null = null;
   /** see {@link BackendSessionOptions.pollTurns} */
   readonly pollTurns: number;
   /** see {@link BackendSessionOptions.busyPollMicros} */
@@ -205,6 +230,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.log = options.logger;
     this.#ownStateChannel = options.ownStateChannel ?? false;
     this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
+    this.#stateTimeoutMs = options.stateTimeoutMs ?? 60_000;
+    this.#backlogLimit = options.requestBacklog ?? DEFAULT_REQUEST_BACKLOG;
     this.pollTurns = options.pollTurns ?? 0;
     if (!Number.isInteger(this.pollTurns) || this.pollTurns < 0) {
       throw new RangeError(
@@ -219,9 +246,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
     this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
     channel.on("message", (msg: FrontendMessage) => {
+      if (!this.#admit(msg)) return;
+      const cost = { bytes: msg.size, fds: msg.fds.length };
       // Requests are handled strictly in order: GET_VRING_BASE may wait for in-flight buffers.
       this.#queue = this.#queue
         .then(() => this.#dispatch(msg))
+        .finally(() => {
+          this.#backlog.requests--;
+          this.#backlog.bytes -= cost.bytes;
+          this.#backlog.fds -= cost.fds;
+        })
         .catch((err: unknown) => {
           // #dispatch reports its own failures; anything reaching here is a bug in the
           // framework. Log it and keep the chain alive so later requests are still handled.
@@ -234,8 +268,99 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       this.log.error(`${this.name}: connection error: ${err.message}`);
       this.#emitError(err);
     });
-    channel.on("close", () => this.#teardown());
+    channel.on("close", (cause?: Error) => {
+      if (cause && !this.#closed)
+        this.log.warn(`${this.name}: connection closed: ${cause.message}`);
+      this.#teardown();
+    });
+    this.#watchFaults();
     device.attach?.(this);
+  }
+
+  /**
+   * Count a request into the backlog, or close the connection when it would exceed the limit
+   * (a front-end that keeps sending behind a request that waits cannot make the process hold
+   * its fds and messages without bound).
+   * @returns false when the request was refused (its fds closed, the connection closing)
+   */
+  #admit(msg: FrontendMessage): boolean {
+    const b = this.#backlog;
+    const max = this.#backlogLimit;
+    if (
+      b.requests + 1 > max.requests ||
+      b.bytes + msg.size > max.bytes ||
+      b.fds + msg.fds.length > max.fds
+    ) {
+      for (const fd of msg.fds) native.close(fd);
+      if (this.#closed) return false;
+      const error = new VhostUserError(
+        "ERR_VHOST_REQUEST_FAILED",
+        `too many requests waiting (${b.requests} requests, ${b.bytes} bytes, ${b.fds} fds; ` +
+          `at most ${max.requests}, ${max.bytes}, ${max.fds})`,
+        { request: msg.name, field: "backlog", value: b.requests, fatal: true },
+      );
+      this.log.error(`${this.name}: ${error.message}; closing the connection`);
+      this.#emitError(error);
+      this.channel.close();
+      return false;
+    }
+    b.requests++;
+    b.bytes += msg.size;
+    b.fds += msg.fds.length;
+    return true;
+  }
+
+  /**
+   * Learn when the addon survives a SIGBUS (a front-end shrank the file behind a mapping):
+   * every session is told, each looks at its own mappings.
+   */
+  #watchFaults(): void {
+    const fd = native.faultSubscribe();
+    this.#faultFd = fd;
+    this.#faultWatcher = new native.FdWatcher(fd, () => {
+      native.eventfdRead(fd);
+      this.#checkFaults();
+    });
+    this.#faultWatcher.start(POLL_READABLE);
+  }
+
+  /**
+   * Close the connection when one of its mappings faulted, naming the region (vhost-user:
+   * VHOST_USER_SET_MEM_TABLE: the front-end must keep each region's file at least as large as
+   * the table says). The faulting pages read as zeros until then.
+   */
+  #checkFaults(): void {
+    if (this.#closed) return;
+    let what: string | null = null;
+    let value: unknown = null;
+    const regions = this.#frontendRegions();
+    for (const r of this.#regions) {
+      const f = native.mappingFault(r.buffer);
+      if (!f) continue;
+      const info = this.#origin.get(r) ?? r;
+      const offset = f.offset - r.base + (r.gpa - info.gpa);
+      what =
+        `memory region ${regions.indexOf(info)} (gpa 0x${info.gpa.toString(16)}, size 0x${info.size.toString(16)}): ` +
+        `SIGBUS at offset 0x${offset.toString(16)} (${f.faults} page(s)): its file is shorter than the memory table says`;
+      value = `0x${(info.gpa + offset).toString(16)}`;
+      break;
+    }
+    const log = this.#dirtyLog;
+    const lf = what === null && log ? native.mappingFault(log.buffer) : null;
+    if (lf) {
+      what = `dirty log (${log!.size} bytes): SIGBUS at offset 0x${lf.offset.toString(16)}: its file is shorter than SET_LOG_BASE said`;
+      value = lf.offset;
+    }
+    if (what === null) return;
+    const error = new VhostUserError("ERR_VHOST_REQUEST_FAILED", what, {
+      request: "memory access",
+      field: lf ? "log" : "gpa",
+      value,
+      fatal: true,
+    });
+    this.log.error(`${this.name}: ${error.message}; closing the connection`);
+    this.#emitError(error);
+    this.channel.close();
   }
 
   /** Emit `error` for listeners; without one, the log line already written is the report. */
@@ -424,7 +549,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         this.channel.close();
         return;
       }
-      this.#fail(msg);
+      if (!this.#fail(msg)) {
+        // The front-end would believe the request succeeded: end the connection instead (as
+        // DPDK and rust-vmm do), naming the request and value in the log line above.
+        this.log.error(
+          `${this.name}: ${msg.name} failed and the front-end cannot be told (no reply, no ` +
+            "REPLY_ACK): closing the connection",
+        );
+        this.channel.close();
+      }
     }
   }
 
@@ -432,14 +565,19 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * Answer a failed request where an answer is due, from the request table: a request with a
    * reply body gets the table's failure body (vhost-user: "Communication"), any other gets a
    * failed REPLY_ACK when it asked for one.
+   * @returns false when the front-end cannot be told (no reply body, no REPLY_ACK asked for)
    */
-  #fail(msg: FrontendMessage): void {
+  #fail(msg: FrontendMessage): boolean {
     const spec: AnyRequestSpec | undefined = requestSpec("frontend", msg.request);
     if (spec && hasExplicitReply(spec, this.#protocolFeatures)) {
       this.channel.reply(msg.request, failureReply(spec, msg.payload) as never);
-      return;
+      return true;
     }
-    if (msg.needReply && this.#replyAck()) this.channel.ack(msg.request, false);
+    if (msg.needReply && this.#replyAck()) {
+      this.channel.ack(msg.request, false);
+      return true;
+    }
+    return false;
   }
 
   #replyAck(): boolean {
@@ -675,6 +813,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
           );
         }
         const fd = noFd ? -1 : msg.fds[0]!;
+        // LIFETIME: a kick fd is installed only once it is known to be watchable; a bad one
+        // is closed and the ring keeps the one it had.
+        if (msg.request === FrontendRequest.SET_VRING_KICK) checkKickFd(msg.name, index, fd);
         if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
         else if (msg.request === FrontendRequest.SET_VRING_CALL) vring.setCall(fd);
         else vring.setErr(fd);
@@ -962,6 +1103,12 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * @returns the mapped pieces in address order
    */
   #mapFrontendRegion(fd: number, info: RegionInfo): Region[] {
+    if ((native.fileSeals(fd) & FileSeal.SHRINK) === 0) {
+      this.log.info(
+        `${this.name}: memory region at gpa 0x${info.gpa.toString(16)} is not sealed against ` +
+          "shrinking (F_SEAL_SHRINK): if its file shrinks, the connection is closed",
+      );
+    }
     const pieces = mapRegionSplit(fd, info);
     for (const r of pieces) this.#origin.set(r, info);
     return pieces;
@@ -1179,6 +1326,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       native.setNonBlocking(fd, true);
     }
     const transfer: StateTransfer = {
+      abort: new AbortController(),
       direction,
       done: Promise.resolve(),
       error: null,
@@ -1193,23 +1341,39 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     } else {
       this.channel.reply(msg.request, { result: 0, noFd: true });
     }
+    // LIFETIME: the transfer ends by itself, when the connection closes, or at the timeout;
+    // its fd is closed in every case.
+    const timer = setTimeout(() => transfer.abort.abort(), this.#stateTimeoutMs);
+    timer.unref();
     transfer.done = (
       direction === DeviceStateDirection.SAVE
         ? this.#saveTo(fd, transfer)
         : this.#loadFrom(fd, transfer)
-    ).then(
-      () => {
-        transfer.settled = true;
-        this.log.info(
-          `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
+    )
+      .catch((err: Error) => {
+        if (!transfer.abort.signal.aborted) throw err;
+        throw new VhostUserError(
+          "ERR_VHOST_TIMEOUT",
+          this.#closed
+            ? "connection closed during the device state transfer"
+            : `device state transfer did not end within ${this.#stateTimeoutMs} ms`,
+          { request: msg.name, field: "bytes", value: transfer.bytes, fatal: false, cause: err },
         );
-      },
-      (err: Error) => {
-        transfer.settled = true;
-        transfer.error = err;
-        this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
-      },
-    );
+      })
+      .finally(() => clearTimeout(timer))
+      .then(
+        () => {
+          transfer.settled = true;
+          this.log.info(
+            `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
+          );
+        },
+        (err: Error) => {
+          transfer.settled = true;
+          transfer.error = err;
+          this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
+        },
+      );
   }
 
   async #saveTo(fd: number, transfer: StateTransfer): Promise<void> {
@@ -1222,11 +1386,14 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       throw err;
     }
     transfer.bytes = data.length;
-    await writeStateToFd(fd, data);
+    await writeStateToFd(fd, data, { signal: transfer.abort.signal });
   }
 
   async #loadFrom(fd: number, transfer: StateTransfer): Promise<void> {
-    const data = await readStateFromFd(fd, { maxBytes: this.#maxStateBytes });
+    const data = await readStateFromFd(fd, {
+      maxBytes: this.#maxStateBytes,
+      signal: transfer.abort.signal,
+    });
     transfer.bytes = data.length;
     if (!this.device.loadState) throw new Error("device cannot load a state");
     await this.device.loadState(data);
@@ -1288,6 +1455,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   #teardown(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // A transfer still running ends now (its fd is closed), so requests queued behind a
+    // CHECK_DEVICE_STATE are released (their fds closed) at once.
+    this.#transfer?.abort.abort();
     for (const v of this.vrings) v.dispose();
     this.device.detach?.();
     this.#backendChannel?.close();
@@ -1302,6 +1472,10 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#logSource = null;
     if (this.#logFd >= 0) native.close(this.#logFd);
     this.#logFd = -1;
+    this.#faultWatcher?.close();
+    this.#faultWatcher = null;
+    if (this.#faultFd >= 0) native.faultUnsubscribe(this.#faultFd);
+    this.#faultFd = -1;
     this.log.info(`${this.name}: front-end disconnected`);
     this.emit("close");
   }
@@ -1365,6 +1539,29 @@ function validateLayout(request: string, regions: readonly RegionLayout[]): void
         );
       }
     }
+  }
+}
+
+/**
+ * Check that a kick fd can be watched (epoll refuses regular files, for one) before it
+ * replaces the ring's current one.
+ * @param request the request name for errors
+ * @param index queue index
+ * @param fd the new kick fd, or -1 (no fd: nothing to check)
+ * @throws VhostUserError ERR_VHOST_BAD_FIELD naming the fd and the errno (the fd is closed)
+ */
+function checkKickFd(request: string, index: number, fd: number): void {
+  if (fd < 0) return;
+  let watcher: FdWatcher | null = null;
+  try {
+    watcher = new native.FdWatcher(fd, () => undefined);
+    watcher.start(POLL_READABLE);
+  } catch (err) {
+    native.close(fd);
+    const code = (err as { code?: string }).code ?? String(err);
+    throw badField(request, "fd", fd, `queue ${index}: kick fd cannot be watched (${code})`);
+  } finally {
+    watcher?.close();
   }
 }
 

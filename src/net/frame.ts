@@ -414,6 +414,14 @@ export function fillL4Checksum(d: Uint8Array): FrameLayout {
 // --- segmentation ------------------------------------------------------------------------
 
 /**
+ * Most segments one GSO frame may be cut into in software: a 64 KiB frame at an MSS of 256
+ * bytes. A frame that would need more (a degenerate gso_size) is refused, so one guest frame
+ * costs the event loop a bounded amount of work (Linux likewise bounds GSO at 64 KiB and drops
+ * packets whose gso_size is too small).
+ */
+export const MAX_GSO_SEGMENTS = 256;
+
+/**
  * Segment a TCP GSO frame (TCP over IPv4 or IPv6) in software, as a NIC's TSO would: the
  * payload is cut into `gsoSize`-byte pieces; each segment gets the headers with the IP length
  * fixed, the IPv4 id incremented per segment and its header checksum recomputed, the TCP
@@ -425,6 +433,7 @@ export function fillL4Checksum(d: Uint8Array): FrameLayout {
  * @param out scratch buffer, at least headers + gsoSize bytes
  * @param emit called with each segment (a view into `out`, valid until the call returns)
  * @returns the number of segments
+ * @throws FrameError field `gso_segments` when more than {@link MAX_GSO_SEGMENTS} are needed
  * @throws FrameError when the frame is not TCP over IP, is a fragment, or the sizes are wrong
  */
 export function forEachTcpSegment(
@@ -457,6 +466,14 @@ export function forEachTcpSegment(
   const id0 = v6 ? 0 : rd16(d, l.l3 + 4);
   const flags0 = d[l.l4 + 13] as number;
   const count = payload <= 0 ? 1 : Math.ceil(payload / gsoSize);
+  if (count > MAX_GSO_SEGMENTS) {
+    // A guest-chosen gso_size of 1 would cost tens of thousands of segments for one frame.
+    throw new FrameError(
+      "gso_segments",
+      count,
+      `gso_size ${gsoSize} would cut ${payload} bytes into more than ${MAX_GSO_SEGMENTS} segments`,
+    );
+  }
   out.set(d.subarray(0, hdrLen), 0);
   for (let i = 0; i < count; i++) {
     const pos = i * gsoSize;

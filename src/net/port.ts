@@ -97,7 +97,9 @@ export type DropReason =
   /** unicast to a MAC learned on the port it came from */
   | "hairpin"
   /** an offload the destination cannot take and the switch cannot do in software (UFO) */
-  | "offload";
+  | "offload"
+  /** a GSO frame that would need more than MAX_GSO_SEGMENTS software segments */
+  | "gso-segments";
 
 /** Every drop reason, in a fixed order (for stats). */
 export const DROP_REASONS: readonly DropReason[] = Object.freeze([
@@ -109,6 +111,7 @@ export const DROP_REASONS: readonly DropReason[] = Object.freeze([
   "too-big",
   "hairpin",
   "offload",
+  "gso-segments",
 ]);
 
 /** Counters of one port (plain data: safe to serialise). */

@@ -353,7 +353,8 @@ export class Switch implements PortHost {
       this.#gsoSegments += n;
     } catch (err) {
       if (!(err instanceof FrameError)) throw err;
-      from.counters.drops.malformed++;
+      if (err.field === "gso_segments") from.counters.drops["gso-segments"]++;
+      else from.counters.drops.malformed++;
       this.log.debug(`switch: GSO frame from ${from.name} dropped: ${err.message}`);
     }
   }

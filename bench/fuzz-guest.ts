@@ -1,0 +1,15 @@
+/**
+ * Long run of the hostile-guest fuzz target: `node dist/bench/fuzz-guest.js [inputs] [seed]`
+ * (default 10^6 inputs). Prints the counts, the switch's fds and RSS at start and end.
+ */
+import { runGuestFuzz } from "../test/hardening-fuzz.js";
+
+const inputs = Number(process.argv[2] ?? 1_000_000);
+const seed = Number(process.argv[3] ?? 1);
+const t0 = Date.now();
+const f = await runGuestFuzz(inputs, seed);
+console.log(
+  `fuzz-guest: ${f.inputs} inputs, seed ${seed}, ${f.reconnects} reconnects, known frames ` +
+    `${f.knownReceived}/${f.knownSent}, switch alive ${f.alive}, fds ${f.fds[0]} -> ${f.fds[1]}, ` +
+    `RSS ${f.rssKiB[0]} -> ${f.rssKiB[1]} KiB, ${((Date.now() - t0) / 1000).toFixed(1)} s`,
+);
