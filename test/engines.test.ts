@@ -749,7 +749,7 @@ test("engines: a gated request without its feature fails naming it; every reply 
   }
 });
 
-test("engines: SET_LOG_BASE smaller than guest memory is reported; memory beyond the log is refused while logging", async () => {
+test("engines: SET_LOG_BASE smaller than guest memory is refused; memory beyond the log is refused while logging", async () => {
   const p = await connectPair({ name: "eng-log" });
   const extra = GuestRam.create({
     regions: [{ gpa: 0x2_0000_0000, size: 64 << 10 }],
@@ -764,16 +764,17 @@ test("engines: SET_LOG_BASE smaller than guest memory is reported; memory beyond
     const end = p.session.memory()!.end;
     const needed = Math.ceil(end / 4096 / 8);
 
-    // 1. a log of 8 bytes covers 64 pages (256 KiB): less than guest memory. Taken (a ring
-    // that marks beyond it breaks, see test/migration-dirty-log), with a warning naming both.
+    // 1. a log of 8 bytes covers 64 pages (256 KiB): less than guest memory. Refused, naming
+    // the request and the size (a write it could not cover would go unlogged).
     const value = (r: unknown): unknown => (r as { value: bigint | null }).value;
     const small = await p.fe.request(
       FrontendRequest.SET_LOG_BASE,
       { mmapSize: 8n, mmapOffset: 0n },
       [logFd],
     );
-    assert.equal(value(small.payload), 0n);
-    assert.ok(p.logger.has("warn", /SET_LOG_BASE: log covers 64 pages .* ends at 0x/));
+    assert.notEqual(value(small.payload), 0n, "the failure reply");
+    const logErr = p.errors.find((e) => e.request === "SET_LOG_BASE");
+    assert.match(logErr?.message ?? "", /guest memory ends at 0x.*mmap_size=8/);
 
     // 2. a log that covers guest memory is taken
     const ok = await p.fe.request(

@@ -414,8 +414,12 @@ test("suspended: with every ring stopped the device writes no guest memory and s
       createHash("sha256")
         .update(Buffer.concat(c.ram.regions.map((r) => c.ram.read(r.info.gpa, r.info.size))))
         .digest("hex");
-    // The driver makes a TX frame available (its own writes), then the memory is fingerprinted.
+    // The driver makes a TX frame available and publishes it (its own writes: the avail
+    // index moves), then the memory is fingerprinted.
+    const availBefore = tx.availIdx;
     tx.add([{ gpa: c.ram.alloc(128), len: 92, writable: false }] as never, "t");
+    tx.kick();
+    assert.notEqual(tx.availIdx, availBefore, "the frame is visible to the device");
     native.eventfdRead(rx.callFd); // calls made while the rings ran
     native.eventfdRead(tx.callFd);
     const memBefore = hash();
@@ -430,6 +434,7 @@ test("suspended: with every ring stopped the device writes no guest memory and s
     assert.equal(hash(), memBefore, "guest memory unchanged");
     assert.equal(rx.stats.calls + tx.stats.calls, calls, "no call");
     assert.equal(dev.counters.txPackets, txBefore, "nothing delivered to the suspended port");
+    assert.equal(c.session.vrings[1]!.started, false, "a kick does not restart a stopped ring");
     assert.equal(native.eventfdRead(rx.callFd), null);
     assert.equal(native.eventfdRead(tx.callFd), null);
   } finally {

@@ -48,6 +48,19 @@ export interface BackendQueue {
   pushUsed(chain: DescChain, written: number): void;
   /** Publish used entries and notify the driver if it asked for it. */
   flush(): void;
+  /** number of chains popped and not yet pushed to used */
+  readonly inFlight: number;
+  /**
+   * Give back chains never written (a stop that cancels held work, see
+   * {@link VhostUserDevice.stopQueue}): the ring's avail position is rewound over them, so the
+   * driver's buffers are taken again after a restart or on a migration's destination. Only the
+   * chains popped last can be given back: `chains` must be exactly the last chains popped, in
+   * pop order, none written or pushed to used.
+   * @param chains the chains to give back
+   * @returns true when they were given back; false (nothing changed) when they are not the
+   *   last chains popped: complete them with `pushUsed(chain, 0)` instead
+   */
+  cancel(chains: readonly DescChain[]): boolean;
   /**
    * Copy the chain's readable bytes, starting at `offset`, into `dst`.
    * @returns the number of bytes copied
@@ -55,7 +68,8 @@ export interface BackendQueue {
   read(chain: DescChain, dst: Uint8Array, offset?: number): number;
   /**
    * Copy `src` into the chain's writable segments starting at `offset`, marking the dirty log.
-   * @returns the number of bytes copied (less than src.length when the chain is too short)
+   * @returns the number of bytes copied (less than src.length when the chain is too short; 0
+   *   once the ring is stopped: a stopped ring writes no guest memory)
    */
   write(chain: DescChain, src: Uint8Array, offset?: number): number;
   /** why the queue was marked broken (it is then no longer processed), or null */
@@ -144,6 +158,17 @@ export interface VhostUserDevice {
   processQueue(queue: BackendQueue): void;
   /** A queue started, stopped, was enabled or disabled. */
   queueStateChanged?(queue: BackendQueue): void;
+  /**
+   * The queue is being stopped (GET_VRING_BASE; vhost-user: "the back-end stops the ring on
+   * GET_VRING_BASE"). The framework already gives out no new chain (`pop()` returns null).
+   * Complete (`write`, then `pushUsed`) or cancel (`queue.cancel`, for chains never written)
+   * every chain the device holds on this queue, here or within the session's `stopTimeoutMs`
+   * (asynchronously, e.g. when a write finishes); the framework then publishes the used
+   * entries, flushes the dirty log and answers the base. Chains still in flight at the bound
+   * fail the connection (the base would hide buffers the device owns). After the answer the
+   * queue writes no guest memory. Worker queues: `WorkerQueueHandler.stop`.
+   */
+  stopQueue?(queue: BackendQueue): void;
   /** GET_CONFIG: return `size` bytes of config space from `offset`. */
   getConfig?(offset: number, size: number): Uint8Array;
   /** offer PROTOCOL_F_CONFIG when {@link getConfig} exists (default true) */

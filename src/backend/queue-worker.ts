@@ -11,8 +11,7 @@ import type { Region } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
 import { mapDirtyLog, mapRegion, unmapDirtyLog, unmapRegion } from "../memory/mapping.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
-import { SplitDeviceQueue } from "../virtq/split.js";
-import { PackedDeviceQueue } from "../virtq/packed.js";
+import { createDeviceQueue } from "../virtq/device-queue.js";
 import { readChain, writeChain } from "../virtq/chain-io.js";
 import type { DescChain, DeviceQueue, QueueBase } from "../virtq/types.js";
 import type { BackendQueue } from "./device.js";
@@ -70,6 +69,8 @@ class WorkerRing implements BackendQueue {
   /** chains popped so far (tells the poller whether a turn found work) */
   pops = 0;
   broken: string | null = null;
+  /** true while the ring stops: pop() gives out nothing */
+  stopping = false;
 
   constructor(init: WorkerInit, queue: DeviceQueue, memory: GuestMemory) {
     this.index = init.index;
@@ -80,8 +81,17 @@ class WorkerRing implements BackendQueue {
     this.callFd = init.callFd;
   }
 
+  get inFlight(): number {
+    return this.queue.inFlight;
+  }
+
+  cancel(chains: readonly DescChain[]): boolean {
+    if (this.broken !== null) return false;
+    return this.queue.cancel(chains);
+  }
+
   pop(): DescChain | null {
-    if (this.broken !== null) return null;
+    if (this.broken !== null || this.stopping) return null;
     try {
       const chain = this.queue.pop();
       if (chain !== null) this.pops++;
@@ -131,45 +141,34 @@ class WorkerRing implements BackendQueue {
   }
 
   write(chain: DescChain, src: Uint8Array, offset = 0): number {
+    // A stopped ring (its memory released) writes nothing.
+    if (!this.started) return 0;
     return writeChain(this.memory, chain, src, offset);
   }
 }
 
+/**
+ * Build the ring's device queue (the same construction path as the main thread's).
+ * @param replaces the queue object being replaced: its chains in flight are carried over
+ */
 function buildQueue(
   init: WorkerInit,
   mem: GuestMemory,
   ring: WorkerRingAddresses,
   base: QueueBase,
   usedLog: WorkerUsedLog | null,
+  replaces?: DeviceQueue,
 ): DeviceQueue {
-  if (init.packed) {
-    return new PackedDeviceQueue(mem, {
-      size: init.size,
-      desc: toGpa(ring.desc),
-      driverEvent: toGpa(ring.avail),
-      deviceEvent: toGpa(ring.used),
-      eventIdx: init.eventIdx,
-      indirect: init.indirect,
-      base: {
-        availIdx: base.availIdx,
-        availWrap: base.availWrap ?? true,
-        usedIdx: base.usedIdx ?? base.availIdx,
-        usedWrap: base.usedWrap ?? base.availWrap ?? true,
-      },
-      usedLog,
-      index: init.index,
-    });
-  }
-  return new SplitDeviceQueue(mem, {
+  return createDeviceQueue(mem, {
+    index: init.index,
     size: init.size,
-    desc: toGpa(ring.desc),
-    avail: toGpa(ring.avail),
-    used: toGpa(ring.used),
+    packed: init.packed,
     eventIdx: init.eventIdx,
     indirect: init.indirect,
-    lastAvailIdx: base.availIdx,
+    ring,
+    base,
     usedLog,
-    index: init.index,
+    ...(replaces ? { inFlight: replaces.inFlightList } : {}),
   });
 }
 
@@ -271,7 +270,7 @@ class RingWorker {
         this.#setLog(m.log, m.usedLog);
         return;
       case "stop":
-        this.#stop();
+        void this.#stop(m.timeoutMs);
         return;
     }
   }
@@ -295,7 +294,9 @@ class RingWorker {
       // The log mapping is the worker's own and outlives any memory table: attach it as is.
       mem.log = this.#log;
       // LIFETIME: the ring is rebuilt over the new mappings before the old ones are unmapped.
-      ring.queue = buildQueue(this.#init, mem, addrs, ring.queue.getBase(), usedLog);
+      // Used entries pushed are published first; chains in flight carry over.
+      ring.flush();
+      ring.queue = buildQueue(this.#init, mem, addrs, ring.queue.getBase(), usedLog, ring.queue);
       if (this.#spinning) ring.queue.setNotification(false);
       ring.memory = mem;
       this.#regions = mapped;
@@ -331,12 +332,14 @@ class RingWorker {
     this.#usedLog = usedLog;
     if (changed) {
       try {
+        ring.flush();
         ring.queue = buildQueue(
           this.#init,
           ring.memory,
           this.#addrs,
           ring.queue.getBase(),
           usedLog,
+          ring.queue,
         );
         if (this.#spinning) ring.queue.setNotification(false);
       } catch (err) {
@@ -348,17 +351,39 @@ class RingWorker {
     this.#schedule();
   }
 
-  #stop(): void {
+  /**
+   * GET_VRING_BASE: take no new chain, let the handler complete or cancel what it holds, wait
+   * (bounded) for the chains in flight, publish, flush the log, answer, release.
+   * @param timeoutMs longest wait for the chains in flight
+   */
+  async #stop(timeoutMs: number): Promise<void> {
     const ring = this.#ring!;
-    // The handler is synchronous: between turns nothing is in flight.
+    ring.stopping = true;
+    this.#unwatchKick();
+    try {
+      this.#handler?.stop?.(ring);
+    } catch (err) {
+      ring.broken ??= `device error at the stop: ${err instanceof Error ? err.message : String(err)}`;
+    }
     ring.flush();
+    const deadline = Date.now() + timeoutMs;
+    while (ring.broken === null && ring.queue.inFlight > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 1));
+      ring.flush();
+    }
+    if (this.#ended) return;
+    const inFlight = ring.broken === null ? ring.queue.inFlight : 0;
+    if (ring.broken !== null) {
+      this.#break(ring.broken);
+      return;
+    }
     // Every mark reaches the log before the position is answered: the front-end's last log
     // sync follows GET_VRING_BASE.
     this.#log?.flush();
     // The next start (main thread or a new worker) relies on kicks: ask for them again.
     this.#endSpin();
     const base = ring.queue.getBase();
-    this.#post({ type: "stopped", base, kicks: this.#kicks, calls: ring.calls });
+    this.#post({ type: "stopped", base, inFlight, kicks: this.#kicks, calls: ring.calls });
     this.#release();
   }
 

@@ -35,6 +35,11 @@ export interface ServeOptions {
    * disables it. Trades a core for the kick wake-up latency, as a DPDK PMD does.
    */
   busyPollMicros?: number;
+  /**
+   * GET_VRING_BASE: longest wait (ms) for chains a device still holds at a stop (default 1000;
+   * see `BackendSessionOptions.stopTimeoutMs`)
+   */
+  stopTimeoutMs?: number;
   /** offer the back-end's own fd for device-state transfers (SET_DEVICE_STATE_FD reply) */
   ownStateChannel?: boolean;
   /** largest device state accepted on LOAD (bytes; default 64 MiB) */
@@ -65,6 +70,7 @@ export class BackendServer extends EventEmitter {
   readonly #delays: { min: number; max: number };
   readonly #pollTurns: number | undefined;
   readonly #busyPollMicros: number | undefined;
+  readonly #stopTimeoutMs: number | undefined;
   readonly #ownStateChannel: boolean | undefined;
   readonly #maxStateBytes: number | undefined;
 
@@ -93,6 +99,7 @@ export class BackendServer extends EventEmitter {
     this.#delays = options.reconnectDelayMs ?? { min: 50, max: 2000 };
     this.#pollTurns = options.pollTurns;
     this.#busyPollMicros = options.busyPollMicros;
+    this.#stopTimeoutMs = options.stopTimeoutMs;
     this.#ownStateChannel = options.ownStateChannel;
     this.#maxStateBytes = options.maxStateBytes;
     this.#delay = this.#delays.min;
@@ -197,6 +204,7 @@ export class BackendServer extends EventEmitter {
         logger: this.log,
         ...(this.#pollTurns !== undefined ? { pollTurns: this.#pollTurns } : {}),
         ...(this.#busyPollMicros !== undefined ? { busyPollMicros: this.#busyPollMicros } : {}),
+        ...(this.#stopTimeoutMs !== undefined ? { stopTimeoutMs: this.#stopTimeoutMs } : {}),
         ...(this.#ownStateChannel !== undefined ? { ownStateChannel: this.#ownStateChannel } : {}),
         ...(this.#maxStateBytes !== undefined ? { maxStateBytes: this.#maxStateBytes } : {}),
       });

@@ -41,7 +41,8 @@ import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../m
 import { mapRegionSplit, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
 import { LOG_PAGE_SIZE } from "../memory/dirty-log.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
-import { MAX_QUEUE_SIZE } from "../virtq/layout.js";
+import { MAX_QUEUE_SIZE, splitRingSizes } from "../virtq/layout.js";
+import type { QueueBase } from "../virtq/types.js";
 import { DeviceStateDirection } from "../protocol/constants.js";
 import { readStateFromFd, writeStateToFd } from "../migration/transfer.js";
 import { Vring } from "./vring.js";
@@ -113,10 +114,19 @@ export interface BackendSessionOptions {
    * main thread.
    */
   busyPollMicros?: number;
+  /**
+   * GET_VRING_BASE: longest wait (ms) for the chains a device still holds once it was asked to
+   * complete or cancel them (`VhostUserDevice.stopQueue`); chains still in flight then fail
+   * the connection. Default 1000; 0..60000.
+   */
+  stopTimeoutMs?: number;
 }
 
 /** Default {@link BackendSessionOptions.requestBacklog}. */
 export const DEFAULT_REQUEST_BACKLOG = Object.freeze({ requests: 1024, bytes: 1 << 20, fds: 256 });
+
+/** Default of {@link BackendSessionOptions.stopTimeoutMs}. */
+export const DEFAULT_STOP_TIMEOUT_MS = 1000;
 
 /** Outcome of the last device-state transfer, for CHECK_DEVICE_STATE. */
 interface StateTransfer {
@@ -213,6 +223,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   readonly pollTurns: number;
   /** see {@link BackendSessionOptions.busyPollMicros} */
   readonly busyPollMicros: number;
+  /** see {@link BackendSessionOptions.stopTimeoutMs} */
+  readonly stopTimeoutMs: number;
 
   /**
    * Attach a device to a connected channel (vhost-user: "Front-end message types").
@@ -242,6 +254,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     if (!(this.busyPollMicros >= 0 && this.busyPollMicros <= 1000)) {
       throw new RangeError(
         `BackendSession: busyPollMicros must be in 0..1000, got ${this.busyPollMicros}`,
+      );
+    }
+    this.stopTimeoutMs = options.stopTimeoutMs ?? DEFAULT_STOP_TIMEOUT_MS;
+    if (!(
+      Number.isInteger(this.stopTimeoutMs) &&
+      this.stopTimeoutMs >= 0 &&
+      this.stopTimeoutMs <= 60000
+    )) {
+      throw new RangeError(
+        `BackendSession: stopTimeoutMs must be an integer in 0..60000, got ${this.stopTimeoutMs}`,
       );
     }
     this.vrings = Array.from({ length: device.queueCount }, (_, i) => new Vring(i, this));
@@ -443,6 +465,20 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       eventIdx: hasFeature(this.#features, VirtioFeature.RING_EVENT_IDX),
       indirect: hasFeature(this.#features, VirtioFeature.RING_INDIRECT_DESC),
     };
+  }
+
+  /**
+   * The ring is stopping: ask the device to complete or cancel what it holds on it.
+   * @param vring the queue
+   */
+  stopRequested(vring: Vring): void {
+    try {
+      this.device.stopQueue?.(vring);
+    } catch (err) {
+      this.log.error(
+        `${this.name}: queue ${vring.index}: device error at the stop: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    }
   }
 
   /**
@@ -746,6 +782,11 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
           // Check now so a bad address is reported against this request, not a later kick.
           this.#checkRingAddresses(msg, vring, addr, mem);
         }
+        if (addr.log && this.#dirtyLog) {
+          const bad = this.#usedLogBeyond(vring, addr.logGuestAddr, this.#dirtyLog);
+          if (bad)
+            throw badField(msg.name, "log_guest_addr", `0x${addr.logGuestAddr.toString(16)}`, bad);
+        }
         vring.addr = addr;
         if (vring.started) {
           // Logging toggled during migration, or the ring moved: rebuild over the same base
@@ -765,10 +806,17 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         if (vring.started) throw badField(msg.name, "index", index, "queue is running");
         if (this.format().packed) {
           const b = decodePackedVringBase(num, msg.name);
-          // DPDK's virtio-user sends only the avail half (bits 0-15) and DPDK's vhost takes
-          // used = avail. Buffers in flight are done when a ring is stopped, so used = avail is
-          // the only consistent position when the used half is missing.
-          vring.base = num >>> 16 === 0 ? { ...b, usedIdx: b.availIdx, usedWrap: b.availWrap } : b;
+          // The full encoding (bits 0-14 avail, 15 avail wrap, 16-30 used, 31 used wrap), as
+          // QEMU sends it. DPDK sends only the avail half: its virtio-user front-end starts a
+          // ring with 0x8000 (avail 0, wrap 1), and its vhost back-end answers GET_VRING_BASE
+          // with the avail half only (lib/vhost/vhost_user.c, vhost_user_get_vring_base) and
+          // takes used = avail on SET_VRING_BASE. That form is taken as such only where it is
+          // unambiguous: nothing above bit 15 and the avail wrap counter 1, which in the full
+          // encoding (used 0, used wrap 0) would put `size` or more descriptors in flight, a
+          // position no stopped ring has. Used 0 with used wrap 0 and avail wrap 0 is a real
+          // position (every other lap) and is kept as sent.
+          const availOnly = num >>> 16 === 0 && b.availWrap;
+          vring.base = availOnly ? { ...b, usedIdx: b.availIdx, usedWrap: b.availWrap } : b;
         } else {
           const b = decodeSplitVringBase(num, msg.name);
           vring.base = { availIdx: b.availIdx };
@@ -779,9 +827,16 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       }
 
       case FrontendRequest.GET_VRING_BASE: {
-        const vring = this.#vring(msg, msg.payload.index);
-        await this.#waitInFlight(vring);
-        const base = await vring.halt();
+        // The request has no failure value (a base is always a valid position): a stop that
+        // fails closes the connection instead of answering.
+        let vring: Vring;
+        let base: QueueBase;
+        try {
+          vring = this.#vring(msg, msg.payload.index);
+          base = await vring.halt();
+        } catch (err) {
+          throw fatalStop(msg.name, msg.payload.index, err);
+        }
         const num = this.format().packed
           ? encodePackedVringBase(
               {
@@ -1022,6 +1077,14 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       const offset = toNumber(msg.payload.mmapOffset, msg.name, "mmap_offset");
       if (size === 0) throw badField(msg.name, "mmap_size", 0, "empty log");
       log = mapDirtyLog(fd, offset, size);
+      // vhost-user "Migration": the log covers every guest address, and the last byte of
+      // each logged used ring. A shorter log is refused now (the log in use stays): a write
+      // it cannot cover would change a guest page with no log bit.
+      const refusal = this.#logRefusal(log);
+      if (refusal) {
+        unmapDirtyLog(log);
+        throw badField(msg.name, refusal.field, refusal.value, refusal.why);
+      }
       if (this.device.hasWorkerQueues) {
         // Worker rings map the log themselves, from dups of this fd.
         if (this.#logSource) native.close(this.#logSource.fd);
@@ -1030,16 +1093,6 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       }
     } finally {
       if (!keep) native.close(fd);
-    }
-    const end = this.#memory?.end ?? 0;
-    if (log.pages * LOG_PAGE_SIZE < end) {
-      // Accepted (test/migration-dirty-log relies on it: a mark beyond the log then breaks
-      // the ring that makes it, and nothing is written outside the log), but reported now,
-      // naming both sizes, rather than only at the first ring that breaks.
-      this.log.warn(
-        `${this.name}: ${msg.name}: log covers ${log.pages} pages (${log.pages * LOG_PAGE_SIZE} bytes) ` +
-          `but guest memory ends at 0x${end.toString(16)}: rings writing beyond it will break`,
-      );
     }
     // Swap atomically: from the next write on, marks go to the new log; the old one is
     // flushed (pending marks land in it) and unmapped.
@@ -1051,6 +1104,45 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     await relogged;
     this.log.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
     this.channel.reply(msg.request, { value: 0n, log: null });
+  }
+
+  /**
+   * Why a log cannot be used: guest memory reaches past it, or a ring's used ring is logged
+   * (VHOST_VRING_F_LOG) past it.
+   * @returns the field, value and reason, or null when the log covers everything
+   */
+  #logRefusal(log: DirtyLog): { field: string; value: string; why: string } | null {
+    const covered = log.pages * LOG_PAGE_SIZE;
+    const end = this.#memory?.end ?? 0;
+    if (covered < end) {
+      return {
+        field: "mmap_size",
+        value: String(log.size),
+        why: `the log covers guest addresses below 0x${covered.toString(16)} (${log.pages} pages) but guest memory ends at 0x${end.toString(16)}`,
+      };
+    }
+    for (const v of this.vrings) {
+      if (!v.addr?.log) continue;
+      const bad = this.#usedLogBeyond(v, v.addr.logGuestAddr, log);
+      if (bad) {
+        return { field: "mmap_size", value: String(log.size), why: `queue ${v.index}: ${bad}` };
+      }
+    }
+    return null;
+  }
+
+  /**
+   * Whether the used ring of `vring`, logged at `logGuestAddr`, ends past the log (vhost-user
+   * "Migration": the last byte of the ring must fall within the log).
+   * @returns the reason, or null when it fits
+   */
+  #usedLogBeyond(vring: Vring, logGuestAddr: number, log: DirtyLog): string | null {
+    const size = Math.max(vring.size, 1);
+    const bytes = this.format().packed ? 16 * size : splitRingSizes(size).used;
+    const last = logGuestAddr + bytes - 1;
+    const covered = log.pages * LOG_PAGE_SIZE;
+    if (last < covered) return null;
+    return `the used ring's last byte is logged at 0x${last.toString(16)}, beyond the log (it covers addresses below 0x${covered.toString(16)})`;
   }
 
   #regionInfo(msg: FrontendMessage, r: MemoryRegion): RegionInfo {
@@ -1425,19 +1517,6 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.channel.reply(msg.request, 0n);
   }
 
-  /** Wait (bounded) until the device returned every chain it took from this ring. */
-  async #waitInFlight(vring: Vring): Promise<void> {
-    const deadline = Date.now() + 2000;
-    while ((vring.deviceQueue?.inFlight ?? 0) > 0 && Date.now() < deadline) {
-      await new Promise((resolve) => setTimeout(resolve, 1));
-    }
-    const left = vring.deviceQueue?.inFlight ?? 0;
-    if (left > 0)
-      this.log.warn(
-        `${this.name}: queue ${vring.index}: ${left} buffers still in flight at GET_VRING_BASE`,
-      );
-  }
-
   #resetDevice(): void {
     for (const v of this.vrings) v.reset();
     this.#features = 0n;
@@ -1576,3 +1655,22 @@ function wrapMemoryError(request: string, err: unknown): VhostUserError {
 }
 
 export { MAX_MEM_REGIONS };
+
+/**
+ * A GET_VRING_BASE that cannot answer a true base: fatal (the connection closes).
+ * @param request the request name
+ * @param index the ring asked for
+ * @param err what failed
+ * @returns the fatal error, naming the request and the ring
+ */
+function fatalStop(request: string, index: number, err: unknown): VhostUserError {
+  if (err instanceof VhostUserError && err.fatal) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new VhostUserError("ERR_VHOST_REQUEST_FAILED", `queue ${index}: ${message}`, {
+    request,
+    field: "index",
+    value: index,
+    fatal: true,
+    cause: err,
+  });
+}

@@ -8,9 +8,7 @@ import { native, POLL_READABLE } from "../native.js";
 import type { FdWatcher } from "../native.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
 import { uaddr as toUaddr } from "../memory/address.js";
-import type { Gpa } from "../memory/address.js";
-import { SplitDeviceQueue } from "../virtq/split.js";
-import { PackedDeviceQueue } from "../virtq/packed.js";
+import { createDeviceQueue } from "../virtq/device-queue.js";
 import { splitRingSizes, packedRingSizes } from "../virtq/layout.js";
 import type { DeviceQueue, DescChain, QueueBase } from "../virtq/types.js";
 import { readChain, writeChain } from "../virtq/chain-io.js";
@@ -61,6 +59,13 @@ export interface VringHost {
   process(vring: Vring): void;
   /** the queue started, stopped, or changed enabled state */
   stateChanged(vring: Vring): void;
+  /**
+   * The ring is stopping (GET_VRING_BASE) and takes no new chains: the device should complete
+   * or cancel the chains it holds on it (`VhostUserDevice.stopQueue`).
+   */
+  stopRequested(vring: Vring): void;
+  /** longest a stop waits for the device's chains in flight (ms) */
+  readonly stopTimeoutMs: number;
   /** the worker the device wants for this queue, or null (main thread) */
   workerSpec(index: number): WorkerQueueSpec | null;
   /** the current memory regions with a dup of each region's fd, for a worker */
@@ -87,6 +92,8 @@ export class Vring implements BackendQueue {
   base: QueueBase = { availIdx: 0, availWrap: true, usedIdx: 0, usedWrap: true };
   #started = false;
   #enabled = false;
+  /** true while GET_VRING_BASE stops the ring: pop() gives out nothing */
+  #stopping = false;
   /** set when the ring was found malformed; cleared when the ring is set up again */
   broken: string | null = null;
 
@@ -450,43 +457,25 @@ export class Vring implements BackendQueue {
     this.#worker = worker;
   }
 
-  #buildQueue(mem: GuestMemory): DeviceQueue {
+  /**
+   * Build the device-side queue at the ring's base (the one construction path, shared with
+   * worker rings: `createDeviceQueue`).
+   * @param mem the guest memory
+   * @param replaces the queue object being replaced (its chains in flight are carried over)
+   */
+  #buildQueue(mem: GuestMemory, replaces?: DeviceQueue): DeviceQueue {
     const addr = this.addr!;
     const fmt = this.#host.format();
-    const usedLog = addr.log ? { logGuestAddr: addr.logGuestAddr } : null;
-    if (fmt.packed) {
-      const sizes = packedRingSizes(this.size);
-      return new PackedDeviceQueue(mem, {
-        size: this.size,
-        desc: mem.uaddrToGpa(toUaddr(addr.desc), sizes.desc),
-        driverEvent: mem.uaddrToGpa(toUaddr(addr.avail), sizes.driverEvent),
-        deviceEvent: mem.uaddrToGpa(toUaddr(addr.used), sizes.deviceEvent),
-        eventIdx: fmt.eventIdx,
-        indirect: fmt.indirect,
-        base: {
-          availIdx: this.base.availIdx,
-          availWrap: this.base.availWrap ?? true,
-          usedIdx: this.base.usedIdx ?? this.base.availIdx,
-          usedWrap: this.base.usedWrap ?? this.base.availWrap ?? true,
-        },
-        usedLog,
-        index: this.index,
-      });
-    }
-    const sizes = splitRingSizes(this.size);
-    const desc: Gpa = mem.uaddrToGpa(toUaddr(addr.desc), sizes.desc);
-    const avail: Gpa = mem.uaddrToGpa(toUaddr(addr.avail), sizes.avail);
-    const used: Gpa = mem.uaddrToGpa(toUaddr(addr.used), sizes.used);
-    return new SplitDeviceQueue(mem, {
+    return createDeviceQueue(mem, {
+      index: this.index,
       size: this.size,
-      desc,
-      avail,
-      used,
+      packed: fmt.packed,
       eventIdx: fmt.eventIdx,
       indirect: fmt.indirect,
-      lastAvailIdx: this.base.availIdx,
-      usedLog,
-      index: this.index,
+      ring: this.#ringGpas(mem),
+      base: this.base,
+      usedLog: addr.log ? { logGuestAddr: addr.logGuestAddr } : null,
+      ...(replaces ? { inFlight: replaces.inFlightList } : {}),
     });
   }
 
@@ -506,10 +495,14 @@ export class Vring implements BackendQueue {
       this.stop();
       return;
     }
-    const base = this.#queue.getBase();
-    this.base = base;
+    // Used entries pushed into the old queue object are published before it is replaced.
+    this.flush();
+    const old = this.#queue;
+    if (!old) return;
+    this.base = old.getBase();
     try {
-      this.#queue = this.#buildQueue(mem);
+      // The chains the device holds stay in flight on the new queue object.
+      this.#queue = this.#buildQueue(mem, old);
       this.#memory = mem;
     } catch (err) {
       this.markBroken(err instanceof Error ? err.message : String(err));
@@ -558,58 +551,120 @@ export class Vring implements BackendQueue {
   }
 
   /**
-   * Stop the ring and wait for its worker, if it has one, to return its position
-   * (GET_VRING_BASE); the main thread then watches the kick fd again, so the next kick
-   * restarts the ring.
+   * Stop the ring for GET_VRING_BASE (vhost-user: "Starting and stopping rings": the back-end
+   * stops the ring on GET_VRING_BASE), in this order: no new chain is taken; the device is
+   * asked to complete or cancel the chains it holds ({@link VringHost.stopRequested}, in a
+   * worker its handler's `stop`); chains in flight are waited for, up to
+   * {@link VringHost.stopTimeoutMs}; used entries are published and pending dirty-log marks
+   * flushed; then the base is returned. After it the ring writes no guest memory, and kicks
+   * on the old kick fd are ignored: the ring starts again after the next SET_VRING_KICK.
    * @returns the next available index (and the packed fields)
-   * @throws VhostUserError ERR_VHOST_REQUEST_FAILED when the worker ended without answering
-   *   its position (the ring is then marked broken)
+   * @throws VhostUserError (fatal) naming the ring and the count when chains are still in
+   *   flight at the bound, or when a worker ended without answering its position: the base
+   *   would hide buffers the device still owns, so the connection must fail
    */
   async halt(): Promise<QueueBase> {
     const worker = this.#worker;
-    if (!worker) return this.stop();
-    const base = await worker.stop();
-    if (base === null) {
-      // The worker ended (broke, failed, timed out) without a position: the start base is
-      // stale, so the request fails and the ring is broken (err eventfd), never a wrong base.
+    if (worker) return this.#haltWorker(worker);
+    const q = this.#queue;
+    if (!this.#started || !q) {
+      const base = this.stop();
+      this.#stopKickWatch();
+      return base;
+    }
+    this.#stopping = true;
+    this.#endSpin();
+    this.#stopKickWatch();
+    this.#stopPolling();
+    try {
+      this.#host.stopRequested(this);
+      this.flush();
+      const limit = this.#host.stopTimeoutMs;
+      const deadline = Date.now() + limit;
+      while (this.#queue === q && q.inFlight > 0 && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 1));
+        this.flush();
+      }
+      const left = this.#queue === q ? q.inFlight : 0;
+      if (left > 0) {
+        // ORDERING: what the device wrote is logged before the connection fails; after
+        // stop() the device can no longer write guest memory through this ring.
+        this.stop();
+        throw stopFailed(
+          this.index,
+          `${left} chains still in flight ${limit} ms after the stop`,
+          left,
+        );
+      }
+    } finally {
+      this.#stopping = false;
+    }
+    const base = this.stop();
+    this.#stopKickWatch();
+    return base;
+  }
+
+  /** {@link halt} for a worker ring: the worker stops itself the same way. */
+  async #haltWorker(worker: QueueWorker): Promise<QueueBase> {
+    const limit = this.#host.stopTimeoutMs;
+    const answer = await worker.stop(limit);
+    if (answer === null || answer.inFlight > 0) {
+      // The worker ended (broke, failed, timed out) without a position, or with chains still
+      // in flight (it has unmapped guest memory): the base would be wrong, so the request
+      // fails and the ring is broken (err eventfd), never a wrong base.
       if (this.#worker === worker) {
         this.#worker = null;
-        this.markBroken("worker ended without returning the ring position");
+        this.markBroken(
+          answer === null
+            ? "worker ended without returning the ring position"
+            : `${answer.inFlight} chains still in flight ${limit} ms after the stop`,
+        );
       }
-      throw new VhostUserError("ERR_VHOST_REQUEST_FAILED", "ring position lost", {
-        request: "GET_VRING_BASE",
-        field: "index",
-        value: this.index,
-      });
+      this.#stopKickWatch();
+      throw answer === null
+        ? stopFailed(this.index, "ring position lost (the worker ended)", "lost")
+        : stopFailed(
+            this.index,
+            `${answer.inFlight} chains still in flight ${limit} ms after the stop`,
+            answer.inFlight,
+          );
     }
+    const base = answer.base;
     if (this.#worker !== worker) return { ...base };
     this.#worker = null;
     this.base = base;
     const wasStarted = this.#started;
     this.#started = false;
-    if (this.kickFd >= 0 && !this.#kickWatcher) {
-      // A kick the worker left in the counter must not restart the ring just stopped.
-      try {
-        native.eventfdRead(this.kickFd);
-      } catch {
-        // not an eventfd
-      }
-      this.#watchKick();
-    }
+    // The old kick fd is not watched again: the ring restarts after SET_VRING_KICK.
     if (wasStarted) this.#host.stateChanged(this);
     return { ...this.base };
   }
 
+  /** Flush the dirty-log marks batched by this ring's writes (a ring that stops or breaks). */
+  #flushLog(): void {
+    try {
+      (this.#memory ?? this.#host.memory())?.log?.flush();
+    } catch (err) {
+      this.#host.log.error(
+        `queue ${this.index}: dirty log flush failed: ${err instanceof Error ? err.message : String(err)}`,
+      );
+    }
+  }
+
   /**
-   * Stop the ring (GET_VRING_BASE) and return its base. The ring keeps its fds; a later kick
-   * starts it again from the returned base unless SET_VRING_BASE changes it.
+   * Stop the ring at once (reset, disconnect, memory gone; {@link halt} for GET_VRING_BASE) and
+   * return its base. Used entries pushed are published and pending log marks flushed first.
+   * The ring keeps its fds; a later kick starts it again from the returned base unless
+   * SET_VRING_BASE changes it.
    * @returns the next available index (and the packed fields)
    */
   stop(): QueueBase {
     this.#endSpin();
     if (this.#queue) {
-      this.base = this.#queue.getBase();
+      if (!this.broken) this.flush();
+      if (this.#queue) this.base = this.#queue.getBase();
     }
+    this.#flushLog();
     if (this.#worker) {
       // Synchronous stop (reset, disconnect): the worker's position is lost; it exits.
       void this.#worker.close();
@@ -643,6 +698,9 @@ export class Vring implements BackendQueue {
     }
     this.#endSpin();
     if (this.#queue) this.base = this.#queue.getBase();
+    // ORDERING: what the device wrote before the ring broke is logged (the front-end may be
+    // migrating); no write follows through this ring.
+    this.#flushLog();
     if (this.#worker) {
       void this.#worker.close();
       this.#worker = null;
@@ -713,7 +771,7 @@ export class Vring implements BackendQueue {
   /** @inheritdoc */
   pop(): DescChain | null {
     const q = this.#queue;
-    if (!q || this.broken) return null;
+    if (!q || this.broken || this.#stopping) return null;
     try {
       const chain = q.pop();
       if (chain !== null) this.#pops++;
@@ -722,6 +780,18 @@ export class Vring implements BackendQueue {
       this.markBroken(err instanceof Error ? err.message : String(err));
       return null;
     }
+  }
+
+  /** @inheritdoc */
+  get inFlight(): number {
+    return this.#queue?.inFlight ?? 0;
+  }
+
+  /** @inheritdoc */
+  cancel(chains: readonly DescChain[]): boolean {
+    const q = this.#queue;
+    if (!q || chains.length === 0) return chains.length === 0;
+    return q.cancel(chains);
   }
 
   /** @inheritdoc */
@@ -769,13 +839,39 @@ export class Vring implements BackendQueue {
     return readChain(this.memory, chain, dst, offset);
   }
 
-  /** @inheritdoc */
+  /**
+   * Copy `src` into the chain's writable segments, marking the dirty log. A ring that is not
+   * running (stopped by GET_VRING_BASE, broken, reset) writes nothing: after the stop the
+   * front-end's last log sync may already have happened.
+   * @param chain a chain popped from this ring
+   * @param src the bytes
+   * @param offset bytes of the writable segments to skip
+   * @returns the number of bytes written (0 when the ring is not running)
+   */
   write(chain: DescChain, src: Uint8Array, offset = 0): number {
-    return writeChain(this.memory, chain, src, offset);
+    const mem = this.#memory;
+    if (this.#queue === null || mem === null) return 0;
+    return writeChain(mem, chain, src, offset);
   }
 
   /** The device-side ring while started (for tests and the session's own bookkeeping). */
   get deviceQueue(): DeviceQueue | null {
     return this.#queue;
   }
+}
+
+/**
+ * The error of a stop that cannot answer a true base.
+ * @param index the ring
+ * @param why what went wrong
+ * @param value the count in flight (or what was lost)
+ * @returns a fatal VhostUserError naming GET_VRING_BASE and the ring
+ */
+function stopFailed(index: number, why: string, value: number | string): VhostUserError {
+  return new VhostUserError("ERR_VHOST_REQUEST_FAILED", `queue ${index}: ${why}`, {
+    request: "GET_VRING_BASE",
+    field: "in flight",
+    value,
+    fatal: true,
+  });
 }

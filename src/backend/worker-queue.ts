@@ -121,14 +121,14 @@ export type ToWorker =
       usedLog: WorkerUsedLog | null;
     }
   | { type: "log"; log: WorkerLogInit | null; usedLog: WorkerUsedLog | null }
-  | { type: "stop" };
+  | { type: "stop"; timeoutMs: number };
 
 /** Messages from a worker to the main thread. */
 export type FromWorker =
   | { type: "started" }
   | { type: "remapped" }
   | { type: "logged" }
-  | { type: "stopped"; base: QueueBase; kicks: number; calls: number }
+  | { type: "stopped"; base: QueueBase; inFlight: number; kicks: number; calls: number }
   | { type: "broken"; reason: string; base: QueueBase | null };
 
 /** What a handler module's `createQueueHandler` receives. */
@@ -149,6 +149,21 @@ export interface WorkerHandlerInit {
  */
 export interface WorkerQueueHandler {
   process(queue: BackendQueue): boolean | void;
+  /**
+   * The ring is stopping (GET_VRING_BASE): `queue.pop()` gives out nothing more. Complete
+   * (write, `pushUsed`) or cancel (`queue.cancel`) the chains held, now or within the
+   * session's `stopTimeoutMs`; a handler that never holds chains across turns needs nothing
+   * here (see `VhostUserDevice.stopQueue`).
+   */
+  stop?(queue: BackendQueue): void;
+}
+
+/** What a worker answers to a stop. */
+export interface WorkerStopAnswer {
+  /** the ring position */
+  base: QueueBase;
+  /** chains still in flight at the bound (the stop failed when > 0) */
+  inFlight: number;
 }
 
 /** The export a handler module must provide. */
@@ -178,7 +193,7 @@ export class QueueWorker {
   #exited = false;
   #stoppedCleanly = false;
   #brokenReported = false;
-  #stopping: Promise<QueueBase | null> | null = null;
+  #stopping: Promise<WorkerStopAnswer | null> | null = null;
   /** every fd sent to the worker and not closed yet */
   readonly #owned = new Set<number>();
   /**
@@ -297,7 +312,7 @@ export class QueueWorker {
     this.#worker.postMessage({ type, fd: dup });
   }
 
-  #ask(m: ToWorker, answer: FromWorker["type"]): Promise<FromWorker> {
+  #ask(m: ToWorker, answer: FromWorker["type"], extraMs = 0): Promise<FromWorker> {
     if (this.#done) {
       return Promise.resolve({ type: "broken", reason: "worker exited", base: null });
     }
@@ -307,7 +322,7 @@ export class QueueWorker {
         // the ring broken.
         this.#log.error(`queue ${this.index}: worker did not answer "${m.type}"; terminated`);
         void this.#worker.terminate();
-      }, ANSWER_TIMEOUT_MS);
+      }, ANSWER_TIMEOUT_MS + extraMs);
       this.#waiters.push({
         type: answer,
         resolve: (r) => {
@@ -411,14 +426,17 @@ export class QueueWorker {
   }
 
   /**
-   * GET_VRING_BASE: the worker stops processing, answers its position and exits after releasing
-   * its mappings.
-   * @returns the base, or null when the worker had already ended (broken, exited or timed out)
+   * GET_VRING_BASE: the worker stops taking chains, asks its handler to complete or cancel
+   * what it holds, waits up to `timeoutMs` for the chains in flight, flushes its log marks,
+   * answers its position and exits after releasing its mappings.
+   * @param timeoutMs longest wait for chains in flight (default 0)
+   * @returns the base and the chains still in flight, or null when the worker had already
+   *   ended (broken, exited or timed out)
    */
-  stop(): Promise<QueueBase | null> {
+  stop(timeoutMs = 0): Promise<WorkerStopAnswer | null> {
     if (this.#stopping) return this.#stopping;
-    this.#stopping = this.#ask({ type: "stop" }, "stopped").then((m) =>
-      m.type === "stopped" ? m.base : null,
+    this.#stopping = this.#ask({ type: "stop", timeoutMs }, "stopped", timeoutMs).then((m) =>
+      m.type === "stopped" ? { base: m.base, inFlight: m.inFlight } : null,
     );
     return this.#stopping;
   }

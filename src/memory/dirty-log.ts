@@ -95,7 +95,33 @@ export class DirtyLog {
    */
   mark(gpa: number, len: number): void {
     if (len === 0) return;
+    this.check(gpa, len);
     const first = Math.floor(gpa / LOG_PAGE_SIZE);
+    const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
+    // page < 2^36 (size <= 2^33): word indexes < 2^31, so plain division is exact.
+    const fw = Math.floor(first / 32);
+    const lw = Math.floor(last / 32);
+    const fb = first % 32;
+    const lb = last % 32;
+    if (fw === lw) {
+      this.#pend(fw, maskBits(fb, lb));
+      return;
+    }
+    this.#pend(fw, maskBits(fb, 31));
+    for (let w = fw + 1; w < lw; w++) this.#orWord(w, -1);
+    this.#pend(lw, maskBits(0, lb));
+  }
+
+  /**
+   * Check that [gpa, gpa+len) can be marked, before guest memory is written: a write the log
+   * cannot cover must not happen at all (vhost-user "Migration": every write is logged).
+   * @param gpa guest-physical address of the first byte to be written
+   * @param len number of bytes (0 always passes)
+   * @throws GuestMemoryError naming the address and the log size when the range reaches past
+   *   the pages the log covers
+   */
+  check(gpa: number, len: number): void {
+    if (len === 0) return;
     const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
     if (
       !Number.isSafeInteger(gpa) ||
@@ -110,18 +136,6 @@ export class DirtyLog {
         { gpa, length: len, field: "log size", value: this.size },
       );
     }
-    // page < 2^36 (size <= 2^33): word indexes < 2^31, so plain division is exact.
-    const fw = Math.floor(first / 32);
-    const lw = Math.floor(last / 32);
-    const fb = first % 32;
-    const lb = last % 32;
-    if (fw === lw) {
-      this.#pend(fw, maskBits(fb, lb));
-      return;
-    }
-    this.#pend(fw, maskBits(fb, 31));
-    for (let w = fw + 1; w < lw; w++) this.#orWord(w, -1);
-    this.#pend(lw, maskBits(0, lb));
   }
 
   /**

@@ -347,9 +347,11 @@ export class GuestMemory {
    * @param g guest-physical address of the first byte
    * @param src the bytes to write
    * @throws GuestMemoryError naming the address when part of the range is outside guest memory
-   *   (nothing is written then)
+   *   or beyond the attached dirty log (nothing is written then)
    */
   write(g: Gpa, src: Uint8Array): void {
+    // A write that no log bit can cover does not happen (check throws before it).
+    if (this.#log !== null && src.length > 0) this.#log.check(g, src.length);
     this.#copy(g, src, true);
     // ORDERING: marked after the write, so a log sync between the two can only re-send the
     // page, never miss it (vhost-user: "Migration", dirty page logging).

@@ -671,7 +671,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     const pair = idx >> 1;
     if (pair >= this.#usablePairs()) return;
     if ((idx & 1) === 1) this.#transmit(queue, pair);
-    else if (!queue.enabled && this.#held[pair]!.length > 0) this.#releaseHeld(pair, queue);
+    else if (!queue.enabled && this.#held[pair]!.length > 0) this.#releaseHeld(pair, queue, true);
     // An RX kick only means new buffers: frames are written when the switch delivers.
   }
 
@@ -686,7 +686,8 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       const pair = idx >> 1;
       const held = this.#held[pair];
       if (held !== undefined && held.length > 0) {
-        if (queue.started && !queue.enabled) this.#releaseHeld(pair, queue);
+        // Disabled (a stop begins with it): the chains were never written, cancel them.
+        if (queue.started && !queue.enabled) this.#releaseHeld(pair, queue, true);
         else if (!queue.started) {
           // The ring stopped: its chains are gone with it (its base was saved already).
           held.length = 0;
@@ -696,6 +697,28 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     }
     this.#recomputeRx();
     this.#updateLink();
+  }
+
+  /**
+   * The ring is being stopped (GET_VRING_BASE): a receive queue gives back the chains it holds
+   * for a frame that did not fit, at once. They were never written, so they are cancelled
+   * (the avail position is rewound over them: the guest's buffers are taken again after a
+   * restart or on the migration's destination); chains that are not the last ones taken are
+   * returned empty instead. The stop then costs no wait for the held-chain timer.
+   * @param queue the queue being stopped
+   */
+  stopQueue(queue: BackendQueue): void {
+    const idx = queue.index;
+    if (idx === this.ctrlQueueIndex || (idx & 1) !== 0) return;
+    const pair = idx >> 1;
+    const held = this.#held[pair];
+    if (held === undefined || held.length === 0) return;
+    const chains = held.splice(0);
+    this.#heldBytes[pair] = 0;
+    if (!queue.cancel(chains)) for (const c of chains) queue.pushUsed(c, 0);
+    this.log.debug(
+      `${this.name}: queue ${idx}: ${chains.length} held receive buffer(s) given back at the stop`,
+    );
   }
 
   #recomputeRx(): void {
@@ -953,11 +976,12 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   /**
    * Give back receive chains that were taken for a frame that did not fit, as empty buffers
    * (the driver drops a buffer shorter than a header), so no buffer stays in flight when the
-   * ring stops.
+   * ring stops. With `cancel` (the queue is disabled or stopping) they are cancelled instead
+   * when they are the last chains taken: the avail position is rewound over them.
    */
-  #releaseHeld(pair: number, queue: BackendQueue): void {
+  #releaseHeld(pair: number, queue: BackendQueue, cancel = false): void {
     const held = this.#held[pair] as DescChain[];
-    for (const c of held) queue.pushUsed(c, 0);
+    if (!cancel || !queue.cancel(held)) for (const c of held) queue.pushUsed(c, 0);
     this.log.debug(
       `${this.name}: queue ${queue.index}: ${held.length} unused receive buffer(s) returned`,
     );

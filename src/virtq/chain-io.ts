@@ -73,10 +73,12 @@ export function writeChain(
     const r = mem.tryRegionFor(g, n);
     if (r !== null) {
       // Fast path: one region; LIFETIME: r.bytes is used at once and not kept.
+      const log = mem.log;
+      // A write that no log bit can cover does not happen (check throws before it).
+      if (log !== null) log.check(g, n);
       r.bytes.set(part, g - r.gpa);
       // ORDERING: marked before the chain is pushed to the used ring, so the front-end's
       // log sync after the used index moves always sees this page.
-      const log = mem.log;
       if (log !== null) log.mark(g, n);
     } else {
       mem.write(g, part);

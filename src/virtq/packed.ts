@@ -29,6 +29,7 @@ import {
   vringNeedEvent,
 } from "./layout.js";
 import {
+  InFlight,
   VirtqueueError,
   type DescChain,
   type DeviceQueue,
@@ -95,6 +96,11 @@ export interface PackedDeviceQueueOptions {
   base?: PackedBase;
   /** VHOST_VRING_F_LOG: SET_VRING_ADDR log_guest_addr, or null/absent */
   usedLog?: UsedLogOptions | null;
+  /**
+   * the chains in flight on this ring, taken over from the queue object this one replaces
+   * (a rebuild: SET_VRING_ADDR, memory-table change); default: none
+   */
+  inFlight?: InFlight;
   /** queue index, reported in errors */
   index?: number;
 }
@@ -320,7 +326,7 @@ export class PackedDeviceQueue implements DeviceQueue {
   private readonly pending: PendingUsed[] = [];
   private signalledUsed = 0;
   private signalledUsedValid = false;
-  private popped = 0;
+  private readonly popped: InFlight;
 
   /**
    * Attach to a packed ring in guest memory (the ring memory is not modified).
@@ -368,11 +374,38 @@ export class PackedDeviceQueue implements DeviceQueue {
     this.publishedUsedIdx = base.usedIdx;
     this.publishedUsedWrap = base.usedWrap;
     this.signalledUsed = base.usedIdx;
+    this.popped = opts.inFlight ?? new InFlight();
   }
 
-  /** Chains popped by this queue object and not yet pushed (never below 0). */
+  /** Chains popped (by this queue object or the ones it replaced) and not yet pushed. */
   get inFlight(): number {
+    return this.popped.count;
+  }
+
+  /** @returns the chains in flight (pop order), carried into a rebuilt queue object */
+  get inFlightList(): InFlight {
     return this.popped;
+  }
+
+  /**
+   * Give back the last chains popped, never written: the avail position (and its wrap
+   * counter) is rewound over their descriptors (see {@link DeviceQueue.cancel}).
+   * @param chains the last chains popped, in pop order
+   * @returns true when rewound; false (nothing changed) when they are not the last popped
+   */
+  cancel(chains: readonly DescChain[]): boolean {
+    if (!this.popped.isTail(chains)) return false;
+    let descs = 0;
+    for (const c of chains) descs += c.descCount;
+    this.popped.dropTail(chains.length);
+    const back = this.lastAvailIdx - descs;
+    if (back < 0) {
+      this.lastAvailIdx = back + this.size;
+      this.availWrap = !this.availWrap;
+    } else {
+      this.lastAvailIdx = back;
+    }
+    return true;
   }
 
   /**
@@ -442,9 +475,10 @@ export class PackedDeviceQueue implements DeviceQueue {
     } else {
       this.lastAvailIdx = next;
     }
-    this.popped++;
     // The buffer id is the one in the last descriptor of the list (§2.8.6).
-    return chain.finish(id, count);
+    const result = chain.finish(id, count);
+    this.popped.add(result);
+    return result;
   }
 
   /**
@@ -496,7 +530,7 @@ export class PackedDeviceQueue implements DeviceQueue {
     } else {
       this.usedIdx = next;
     }
-    if (this.popped > 0) this.popped--;
+    this.popped.remove(chain);
   }
 
   /**

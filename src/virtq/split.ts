@@ -25,7 +25,7 @@ import {
   VIRTQ_USED_F_NO_NOTIFY,
   vringNeedEvent,
 } from "./layout.js";
-import { VirtqueueError } from "./types.js";
+import { InFlight, VirtqueueError } from "./types.js";
 import type {
   DescChain,
   DeviceQueue,
@@ -59,6 +59,11 @@ export interface SplitDeviceQueueOptions {
   lastAvailIdx?: number;
   /** VHOST_VRING_F_LOG: log used-ring writes at logGuestAddr + offset; null: at the used GPA */
   usedLog?: UsedLogOptions | null;
+  /**
+   * the chains in flight on this ring, taken over from the queue object this one replaces
+   * (a rebuild: SET_VRING_ADDR, memory-table change); default: none
+   */
+  inFlight?: InFlight;
   /** queue index, named in errors */
   index?: number;
   /**
@@ -191,7 +196,7 @@ export class SplitDeviceQueue implements DeviceQueue {
   #lastAvail: number;
   #usedIdx: number;
   #pendingUsed = 0;
-  #inFlight = 0;
+  readonly #inFlight: InFlight;
   #notify = true;
   #availEventWritten = -1;
   #signalledValid = false;
@@ -243,6 +248,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     this.#availEventAt = 2 + 4 * size;
     this.#usedLogBase = opts.usedLog ? opts.usedLog.logGuestAddr : opts.used;
     this.#lastAvail = lastAvail;
+    this.#inFlight = opts.inFlight ?? new InFlight();
     // ORDERING: the used index is re-read from guest memory whenever a ring is (re)started.
     this.#usedIdx = Atomics.load(this.#usedU16, 1);
     this.#stamp = new Uint32Array(size);
@@ -260,7 +266,26 @@ export class SplitDeviceQueue implements DeviceQueue {
 
   /** @returns number of chains popped but not yet pushed to used */
   get inFlight(): number {
+    return this.#inFlight.count;
+  }
+
+  /** @returns the chains in flight (pop order), carried into a rebuilt queue object */
+  get inFlightList(): InFlight {
     return this.#inFlight;
+  }
+
+  /**
+   * Give back the last chains popped, never written: last_avail_idx is rewound over them
+   * (see {@link DeviceQueue.cancel}).
+   * @param chains the last chains popped, in pop order
+   * @returns true when rewound; false (nothing changed) when they are not the last popped
+   */
+  cancel(chains: readonly DescChain[]): boolean {
+    if (!this.#inFlight.isTail(chains)) return false;
+    const n = chains.length;
+    this.#inFlight.dropTail(n);
+    this.#lastAvail = (this.#lastAvail - n) & 0xffff;
+    return true;
   }
 
   /** @returns number of used entries pushed but not yet published */
@@ -307,7 +332,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     const head = avail[2 + (last & this.#mask)] as number;
     const chain = this.#walk(head);
     this.#lastAvail = (last + 1) & 0xffff;
-    this.#inFlight++;
+    this.#inFlight.add(chain);
     return chain;
   }
 
@@ -514,7 +539,8 @@ export class SplitDeviceQueue implements DeviceQueue {
    * (VIRTIO 1.2 §2.7.8)
    */
   pushUsed(chain: DescChain, writtenLen: number): void {
-    if (this.#inFlight === 0) throw this.#error("inFlight", 0, "pushUsed without a popped chain");
+    const inFlight = this.#inFlight.count;
+    if (inFlight === 0) throw this.#error("inFlight", 0, "pushUsed without a popped chain");
     const head = chain.head;
     if (!(head >= 0 && head < this.size && Number.isInteger(head))) {
       throw this.#error("used.id", head, `head out of range (queue size ${this.size})`);
@@ -526,12 +552,18 @@ export class SplitDeviceQueue implements DeviceQueue {
         `written length exceeds the chain's writable length ${chain.writableLength}`,
       );
     }
+    if (!this.#inFlight.remove(chain)) {
+      throw this.#error(
+        "used.id",
+        head,
+        `pushUsed of a chain not in flight (${inFlight} chains in flight)`,
+      );
+    }
     const slot = (this.#usedIdx + this.#pendingUsed) & this.#mask;
     const u32 = this.#usedU32;
     u32[1 + 2 * slot] = head;
     u32[2 + 2 * slot] = writtenLen;
     this.#pendingUsed++;
-    this.#inFlight--;
     const log = this.#mem.log;
     if (log !== null) log.mark(this.#usedLogBase + 4 + 8 * slot, 8);
   }

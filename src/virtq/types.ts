@@ -111,9 +111,103 @@ export interface DeviceQueue {
   getBase(): QueueBase;
   /** number of chains popped but not yet pushed to used */
   readonly inFlight: number;
+  /**
+   * The chains popped and not yet pushed to used, in pop order. Handed to the queue object
+   * that replaces this one when the ring is rebuilt (`inFlight` of the constructor options),
+   * so a chain held across SET_VRING_ADDR or a memory-table change completes normally.
+   */
+  readonly inFlightList: InFlight;
+  /**
+   * Give back chains the device took and never wrote (a stop that cancels held work): the
+   * avail position is rewound over them, so the driver's buffers are taken again by the next
+   * pop (here, after a restart, or on a migration's destination). Only the chains popped last
+   * can be given back: `chains` must be exactly the last `chains.length` chains popped, in pop
+   * order, none of them pushed to used.
+   * @param chains chains returned by pop(), never written, not pushed to used
+   * @returns true when the position was rewound; false (nothing changed) when `chains` are
+   *   not the last chains popped: complete them with pushUsed(chain, 0) instead
+   */
+  cancel(chains: readonly DescChain[]): boolean;
 }
 
-/** The driver (front-end / test mock) side of a virtqueue. */
+/**
+ * The chains a device queue has popped and not pushed to used, in pop order, each with its
+ * pop number (to tell whether chains are the last ones popped, which a cancel needs). One
+ * object follows a ring across its queue objects (rebuilds keep it).
+ */
+export class InFlight {
+  readonly #chains: DescChain[] = [];
+  readonly #seqs: number[] = [];
+  /** pop number the next chain gets */
+  #next = 0;
+
+  /** @returns the number of chains in flight */
+  get count(): number {
+    return this.#chains.length;
+  }
+
+  /** @returns the chains in flight, in pop order (a copy) */
+  get chains(): DescChain[] {
+    return this.#chains.slice();
+  }
+
+  /**
+   * Record a popped chain.
+   * @param chain the chain pop() returns
+   */
+  add(chain: DescChain): void {
+    this.#chains.push(chain);
+    this.#seqs.push(this.#next++);
+  }
+
+  /**
+   * Forget a completed chain: the same object, else the first in flight with its head (a
+   * device may pass a copy).
+   * @param chain the chain pushed to used
+   * @returns false when no such chain is in flight
+   */
+  remove(chain: DescChain): boolean {
+    const list = this.#chains;
+    let i = list[0] === chain ? 0 : list.indexOf(chain);
+    if (i < 0) i = list.findIndex((c) => c.head === chain.head);
+    if (i < 0) return false;
+    if (i === 0) {
+      list.shift();
+      this.#seqs.shift();
+    } else {
+      list.splice(i, 1);
+      this.#seqs.splice(i, 1);
+    }
+    return true;
+  }
+
+  /**
+   * Whether `chains` are the last chains popped, in order, all still in flight.
+   * @param chains the chains to give back
+   * @returns true when a cancel may rewind over them
+   */
+  isTail(chains: readonly DescChain[]): boolean {
+    const n = chains.length;
+    const from = this.#chains.length - n;
+    if (from < 0) return false;
+    for (let i = 0; i < n; i++) {
+      if (this.#chains[from + i] !== chains[i]) return false;
+      if (this.#seqs[from + i] !== this.#next - n + i) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Forget the last `n` chains popped (after {@link isTail}): they are taken again later.
+   * @param n number of chains
+   */
+  dropTail(n: number): void {
+    this.#chains.length -= n;
+    this.#seqs.length -= n;
+    this.#next -= n;
+  }
+}
+
 export interface DriverQueue {
   /** number of descriptors in the ring */
   readonly size: number;
