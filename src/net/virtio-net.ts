@@ -750,6 +750,12 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       }
       queue.pushUsed(chain, 0);
     }
+    // ORDERING: the transmit chains go back to the driver before the frames taken from them
+    // show up in the destinations' receive rings. A peer that forwards what it receives into
+    // this same transmit ring (DPDK's virtio-user loopback, testpmd `mac`/`io` forwarding)
+    // must find the ring's room again by then: published the other way round, a whole ring
+    // of frames met a full transmit ring, was dropped, and that direction stopped for good.
+    queue.flush();
     this.#host?.flush();
     if (budget === 0) this.#reschedule(queue.index);
   }
