@@ -22,7 +22,7 @@ import type { BackendQueue, DeviceContext, Logger, VhostUserDevice } from "../ba
 import { silentLogger } from "../backend/device.js";
 import { serveBackend } from "../backend/server.js";
 import type { BackendServer, ServeOptions } from "../backend/server.js";
-import type { DescChain } from "../virtq/types.js";
+import type { DescChain, Segment } from "../virtq/types.js";
 import {
   CTRL_BUFFER,
   CTRL_MAX_COMMAND,
@@ -241,6 +241,9 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   // Scratch buffers and the reused frame (no allocation per frame on the data path).
   readonly #txBuf = new Uint8Array(MAX_FRAME + 12);
   readonly #rxBuf = new Uint8Array(MAX_FRAME + 12);
+  /** the virtio-net header of a received frame (12 bytes), and its 10-byte legacy form */
+  readonly #rxHdr = new Uint8Array(12);
+  readonly #rxHdr10 = this.#rxHdr.subarray(0, 10);
   readonly #ctrlBuf = new Uint8Array(CTRL_BUFFER);
   readonly #txCsum: CsumRequest = { start: 0, offset: 0 };
   readonly #txGso: GsoRequest = { type: "tcpv4", size: 0, hdrLen: 0, ecn: false };
@@ -778,35 +781,58 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       } else if (chain.readableLength > buf.length) {
         drops["too-big"]++;
       } else {
-        const len = queue.read(chain, buf);
-        this.#txOne(len, pair);
+        // One readable segment in one region (DPDK and Linux put the header in front of the
+        // frame): the frame goes to the switch as a view of guest memory, copied only into
+        // the destination's receive buffer. Otherwise it is gathered into the scratch buffer.
+        const segs = chain.readable;
+        const s0 = segs.length === 1 ? (segs[0] as Segment) : null;
+        const r = s0 !== null ? queue.memory.tryRegionFor(s0.gpa, s0.len) : null;
+        if (r !== null)
+          this.#txOne(r.bytes, (s0 as Segment).gpa - r.gpa, (s0 as Segment).len, pair);
+        else this.#txOne(buf, 0, queue.read(chain, buf), pair);
       }
       queue.pushUsed(chain, 0);
     }
+    // ORDERING: the transmit chains go back to the driver before the frames taken from them
+    // show up in the destinations' receive rings. A peer that forwards what it receives into
+    // this same transmit ring (DPDK's virtio-user loopback, testpmd `mac`/`io` forwarding)
+    // must find the ring's room again by then: published the other way round, a whole ring
+    // of frames met a full transmit ring, was dropped, and that direction stopped for good.
+    queue.flush();
     this.#host?.flush();
     if (budget === 0) this.#reschedule(queue.index);
   }
 
-  /** Parse the header of the frame in the TX scratch buffer and hand it to the switch. */
-  #txOne(len: number, pair: number): void {
-    const b = this.#txBuf;
+  /**
+   * Parse the virtio-net header of the frame at `b[off, off + len)` (the TX scratch buffer, or
+   * a view of guest memory) and hand the frame to the switch.
+   * LIFETIME: a view of guest memory is used only during the switch's synchronous receive,
+   * before the chain is returned to the driver.
+   */
+  #txOne(b: Uint8Array, off: number, len: number, pair: number): void {
     const hl = this.#hdrLen;
     const drops = this.counters.drops;
     if (len < hl + ETH_HLEN) {
       drops.malformed++;
       return;
     }
+    if (b !== this.#txBuf && ((b[off] as number) & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) {
+      // The switch may complete the checksum in place: never in the driver's buffer.
+      this.#txBuf.set(b.subarray(off, off + len));
+      b = this.#txBuf;
+      off = 0;
+    }
     const frameLen = len - hl;
     const meta = this.#txFrame.meta;
     meta.needsCsum = undefined;
     meta.gso = undefined;
     meta.dataValid = undefined;
-    const flags = b[0] as number;
-    const gsoType = b[1] as number;
+    const flags = b[off + 0] as number;
+    const gsoType = b[off + 1] as number;
     const neg = this.#neg;
     if ((flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) !== 0) {
-      const start = (b[6] as number) | ((b[7] as number) << 8);
-      const offset = (b[8] as number) | ((b[9] as number) << 8);
+      const start = (b[off + 6] as number) | ((b[off + 7] as number) << 8);
+      const offset = (b[off + 8] as number) | ((b[off + 9] as number) << 8);
       if (!neg.csum || start + offset + 2 > frameLen) {
         drops.malformed++;
         return;
@@ -823,7 +849,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       return;
     }
     if (gt !== VirtioNetGso.NONE) {
-      const size = (b[4] as number) | ((b[5] as number) << 8);
+      const size = (b[off + 4] as number) | ((b[off + 5] as number) << 8);
       const g = this.#txGso;
       if (gt === VirtioNetGso.TCPV4 && neg.hostTso4) g.type = "tcpv4";
       else if (gt === VirtioNetGso.TCPV6 && neg.hostTso6) g.type = "tcpv6";
@@ -836,16 +862,16 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
         return;
       }
       g.size = size;
-      g.hdrLen = (b[2] as number) | ((b[3] as number) << 8);
+      g.hdrLen = (b[off + 2] as number) | ((b[off + 3] as number) << 8);
       g.ecn = (gsoType & VirtioNetGso.ECN) !== 0;
       meta.gso = g;
     }
     const frame = this.#txFrame;
-    frame.data = b.subarray(hl, len);
+    frame.data = b.subarray(off + hl, off + len);
     this.pairCounters[pair]!.txFrames++;
     const st = this.state;
-    if (st.mac === null && ((b[hl + 6] as number) & 1) === 0) {
-      st.mac = macKey(b, hl + 6);
+    if (st.mac === null && ((b[off + hl + 6] as number) & 1) === 0) {
+      st.mac = macKey(b, off + hl + 6);
       st.macSource = "learned";
     }
     const host = this.#host;
@@ -928,6 +954,22 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
         return false;
       }
       count = 1;
+    }
+    if (count === 1) {
+      // One receive chain: header, then the frame straight from the sender's buffer (the
+      // frame's only copy).
+      const c = held[0] as DescChain;
+      const h = this.#rxHdr;
+      this.#buildHeader(h, frame, 1);
+      const w = queue.write(c, hl === 12 ? h : this.#rxHdr10) + queue.write(c, d, hl);
+      queue.pushUsed(c, w);
+      this.#heldBytes[pair] = (this.#heldBytes[pair] as number) - c.writableLength;
+      if (held.length === 1) held.length = 0;
+      else held.shift();
+      this.pairCounters[pair]!.rxFrames++;
+      this.#rxDirty[pair] = true;
+      this.#anyRxDirty = true;
+      return true;
     }
     const b = this.#rxBuf;
     this.#buildHeader(b, frame, count);

@@ -43,6 +43,8 @@ export interface VirtioUserVdev {
   readonly queueSize?: number;
   /** The port's MAC address (`mac=`), e.g. "52:54:00:00:00:01". */
   readonly mac?: string;
+  /** Offer MRG_RXBUF (`mrg_rxbuf=1`, DPDK's default) or not (`mrg_rxbuf=0`). */
+  readonly mrgRxbuf?: boolean;
 }
 
 /** The vhost PMD: testpmd acts as a vhost-user back-end. */
@@ -220,6 +222,7 @@ function vdevArg(v: VirtioUserVdev | VhostVdev): string {
     if (v.server === true) parts.push("server=1");
     if (v.queueSize !== undefined) parts.push(`queue_size=${v.queueSize}`);
     if (v.mac !== undefined) parts.push(`mac=${v.mac}`);
+    if (v.mrgRxbuf !== undefined) parts.push(`mrg_rxbuf=${v.mrgRxbuf ? 1 : 0}`);
     return parts.join(",");
   }
   const parts = [`net_vhost0`, `iface=${v.iface}`, `queues=${v.queues ?? 1}`];
