@@ -7,6 +7,7 @@ import type { CliIo } from "./cli/common.js";
 import { runMigrate } from "./cli/migrate.js";
 import { runStats } from "./cli/stats.js";
 import { runSwitch } from "./cli/switch.js";
+import { runTrace } from "./cli/trace.js";
 
 /** Top-level usage text. */
 export const HELP = `usage: vhostkit <command> [options]
@@ -19,6 +20,8 @@ commands:
                   (vhostkit migrate --from CTRL --to HOST:PORT)
   check           check a vhost-user back-end against the spec and print a report
                   (vhostkit check /run/backend.sock --profile net)
+  trace           a proxy printing every message between a front-end and a back-end
+                  (vhostkit trace --listen /run/trace.sock --connect /run/backend.sock)
   help            show this help
 
 Run 'vhostkit <command> --help' for the options of a command.
@@ -45,6 +48,8 @@ export async function main(argv: string[], io: CliIo = processIo()): Promise<num
       return runMigrate(rest, io);
     case "check":
       return runCheck(rest, io);
+    case "trace":
+      return runTrace(rest, io);
     default:
       io.stderr(`vhostkit: unknown command ${JSON.stringify(cmd)}\n\n${HELP}`);
       return ExitCode.USAGE;
