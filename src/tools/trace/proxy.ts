@@ -96,7 +96,12 @@ function printable(v: unknown): string {
 class Pipe {
   readonly #buf = new Uint8Array(HEADER_SIZE + MAX_PAYLOAD_SIZE + 64);
   #have = 0;
-  #fds: number[] = [];
+  /**
+   * fds received, with the buffer offset where the read that brought them ended: a stream
+   * read stops right after the bytes that carried fds, so they belong to the message holding
+   * the read's last byte (earlier messages may come in the same read without fds).
+   */
+  #fds: { end: number; fds: number[] }[] = [];
   #watcher: FdWatcher | null = null;
   constructor(
     readonly from: number,
@@ -126,18 +131,19 @@ class Pipe {
         return;
       }
       if (r === null) return;
-      this.#fds.push(...r.fds);
       if (r.bytes === 0) {
+        for (const f of r.fds) native.close(f);
         this.onClose("hung up");
         return;
       }
       this.#have += r.bytes;
+      if (r.fds.length > 0) this.#fds.push({ end: this.#have, fds: r.fds });
       while (this.#have >= HEADER_SIZE) {
         const h = decodeHeader(this.#buf);
         const total = HEADER_SIZE + Math.min(h.size, MAX_PAYLOAD_SIZE + 64);
         if (h.size > MAX_PAYLOAD_SIZE + 64 - HEADER_SIZE) {
           // ORDERING: an oversize message cannot be buffered: forward what is here as is.
-          if (!this.onMessage(this.#buf.slice(0, this.#have), this.#take())) return;
+          if (!this.onMessage(this.#buf.slice(0, this.#have), this.#take(this.#have))) return;
           this.#have = 0;
           break;
         }
@@ -145,21 +151,27 @@ class Pipe {
         const msg = this.#buf.slice(0, total);
         this.#buf.copyWithin(0, total, this.#have);
         this.#have -= total;
-        if (!this.onMessage(msg, this.#take())) return;
+        if (!this.onMessage(msg, this.#take(total))) return;
       }
     }
   }
 
-  #take(): number[] {
-    const f = this.#fds;
-    this.#fds = [];
-    return f;
+  /** The fds of the message made of the first `len` buffered bytes; later ones move down. */
+  #take(len: number): number[] {
+    const out: number[] = [];
+    const keep: { end: number; fds: number[] }[] = [];
+    for (const e of this.#fds) {
+      if (e.end <= len) out.push(...e.fds);
+      else keep.push({ end: e.end - len, fds: e.fds });
+    }
+    this.#fds = keep;
+    return out;
   }
 
   stop(): void {
     this.#watcher?.close();
     this.#watcher = null;
-    for (const f of this.#take()) native.close(f);
+    for (const f of this.#take(Number.MAX_SAFE_INTEGER)) native.close(f);
   }
 }
 
