@@ -134,6 +134,7 @@ test("vhostkit trace: forwards both ways with fds, traces set-up in order, pairs
   assert.equal(kick?.fds, 1);
   const feat = events.find((e) => e.conn === 1 && e.name === "GET_FEATURES" && e.kind === "reply");
   assert.match(feat?.fields.value ?? "", /^0x[0-9a-f]+$/);
+  assert.match(feat?.fields.names ?? "", /VERSION_1/, "feature bits named");
   assert.ok(feat?.latencyMs !== undefined && feat.latencyMs >= 0, "reply paired with latency");
   const acks = events.filter(
     (e) => e.conn === 1 && e.kind === "reply" && e.name === "SET_VRING_ENABLE",

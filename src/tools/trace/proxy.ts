@@ -17,6 +17,8 @@ import {
   FLAG_REPLY,
   FrontendRequest,
   HEADER_SIZE,
+  ProtocolFeature,
+  VirtioFeature,
   MAX_PAYLOAD_SIZE,
   VERSION_MASK,
   VHOST_USER_VERSION,
@@ -71,6 +73,14 @@ export interface TraceOptions {
   /** called with notes (connections, disconnections) */
   onNote?: (text: string) => void;
 }
+
+/** Requests whose u64 payload (or reply) is a feature set, with the enum naming its bits. */
+const FEATURE_NAMES: Readonly<Record<string, Record<number, string>>> = Object.freeze({
+  GET_FEATURES: VirtioFeature,
+  SET_FEATURES: VirtioFeature,
+  GET_PROTOCOL_FEATURES: ProtocolFeature,
+  SET_PROTOCOL_FEATURES: ProtocolFeature,
+});
 
 function removeSocket(path: string): void {
   try {
@@ -269,6 +279,15 @@ class Session {
       }
     }
     if (problem !== null) ev.malformed = problem;
+    // u64 feature sets: their bit names too.
+    const names = FEATURE_NAMES[ev.name];
+    const value = ev.fields.value;
+    if (names !== undefined && value !== undefined && !(isReply && spec?.reply !== "always")) {
+      const v = BigInt(value);
+      const set: string[] = [];
+      for (let b = 0; b < 64; b++) if ((v >> BigInt(b)) & 1n) set.push(names[b] ?? `bit${b}`);
+      ev.fields.names = set.join(",");
+    }
     // Pair replies with requests (per channel and direction, oldest first).
     const key = `${channel}:${h.request}`;
     if (isReply) {
