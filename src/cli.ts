@@ -1,11 +1,13 @@
 /**
  * The `vhostkit` command: dispatch to the sub-commands in `src/cli/`.
  */
+import { runCheck } from "./cli/check.js";
 import { ExitCode, processIo } from "./cli/common.js";
 import type { CliIo } from "./cli/common.js";
 import { runMigrate } from "./cli/migrate.js";
 import { runStats } from "./cli/stats.js";
 import { runSwitch } from "./cli/switch.js";
+import { runTrace } from "./cli/trace.js";
 
 /** Top-level usage text. */
 export const HELP = `usage: vhostkit <command> [options]
@@ -16,6 +18,10 @@ commands:
   stats           print the counters and MAC table of a running switch
   migrate         live-migrate a device driven by vhostkit's front-end to another back-end
                   (vhostkit migrate --from CTRL --to HOST:PORT)
+  check           check a vhost-user back-end against the spec and print a report
+                  (vhostkit check /run/backend.sock --profile net)
+  trace           a proxy printing every message between a front-end and a back-end
+                  (vhostkit trace --listen /run/trace.sock --connect /run/backend.sock)
   help            show this help
 
 Run 'vhostkit <command> --help' for the options of a command.
@@ -40,6 +46,10 @@ export async function main(argv: string[], io: CliIo = processIo()): Promise<num
       return runStats(rest, io);
     case "migrate":
       return runMigrate(rest, io);
+    case "check":
+      return runCheck(rest, io);
+    case "trace":
+      return runTrace(rest, io);
     default:
       io.stderr(`vhostkit: unknown command ${JSON.stringify(cmd)}\n\n${HELP}`);
       return ExitCode.USAGE;
