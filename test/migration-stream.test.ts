@@ -9,7 +9,6 @@ import fc from "fast-check";
 import {
   MIGRATION_MAGIC,
   MigrationFormat,
-  encodeHeader,
   inspectStream,
   loadStream,
   readHeader,
@@ -23,6 +22,7 @@ import {
   readStateFromFd,
   writeStateToFd,
 } from "../src/migration/index.js";
+import { encodeStreamHeader, stateStream } from "../src/migration/staged.js";
 import { native } from "../src/native.js";
 
 /** A toy device: a name, counters and a list of MACs, as a device author would have. */
@@ -217,7 +217,7 @@ test("bad headers: magic, zero versions, compat above version", () => {
     [0, 1],
   ] as const) {
     const s = good.slice();
-    s.set(encodeHeader(v, c));
+    s.set(encodeStreamHeader(stateStream, v, c));
     assert.throws(
       () => f.loadStream(toy(2), s),
       (e) => isMigrationStreamError(e, "BAD_HEADER"),

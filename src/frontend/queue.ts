@@ -203,6 +203,11 @@ export class FrontendQueue extends EventEmitter {
    * eventfd (a kick would start the ring again in the back-end); the restart kicks once.
    */
   stopped = false;
+  /**
+   * The ring is enabled (SET_VRING_ENABLE 1, or started without F_PROTOCOL_FEATURES); a stop
+   * with GET_VRING_BASE leaves it as it was, so a migration saves the driver's choice.
+   */
+  enabled = true;
   /** size of one pool buffer */
   readonly bufferSize: number;
   #driver: Driver;
