@@ -280,16 +280,29 @@ interface Pair {
   dir: string;
   srvB: ReturnType<typeof serveBackend>;
   devA: NetTestDevice;
-  devB: NetTestDevice;
+  devB: EnableRecorder;
   fe: VhostUserFrontend;
   gen: SeqTrafficGuest;
   close(): void;
 }
 
+/** A sink that records every SET_VRING_ENABLE it sees, per queue. */
+class EnableRecorder extends NetTestDevice {
+  readonly enables = new Map<number, boolean[]>();
+  constructor() {
+    super({ mode: "sink" });
+  }
+  queueStateChanged(q: { index: number; enabled: boolean }): void {
+    const list = this.enables.get(q.index) ?? [];
+    if (list[list.length - 1] !== q.enabled) list.push(q.enabled);
+    this.enables.set(q.index, list);
+  }
+}
+
 async function pair(): Promise<Pair> {
   const dir = mkdtempSync(join(tmpdir(), "vk-hoststream-"));
   const devA = new NetTestDevice({ mode: "sink" });
-  const devB = new NetTestDevice({ mode: "sink" });
+  const devB = new EnableRecorder();
   const srvA = serveBackend(devA, { path: join(dir, "a.sock") });
   const srvB = serveBackend(devB, { path: join(dir, "b.sock") });
   const fe = await VhostUserFrontend.connect(join(dir, "a.sock"));
@@ -520,6 +533,42 @@ test("orchestrator: the host stream cut at every stage boundary; the destination
     whole.ram.close();
   } finally {
     for (const s of servers) s.close();
+    p.close();
+  }
+});
+
+test("virtio state: a queue the driver disabled stays disabled on the destination (regression: enabled was hard-coded true)", async () => {
+  const p = await pair();
+  let server: Server | null = null;
+  try {
+    // queue 0 (receive, unused by this guest) disabled by the driver before the migration
+    await p.fe.setVringEnable(0, false);
+    let incoming: ReturnType<typeof receiveMigration> | null = null;
+    const l = await listen((s) => {
+      incoming = receiveMigration({
+        stream: s,
+        connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
+      });
+    });
+    server = l.server;
+    await migrateSource({ frontend: p.fe, stream: await connect(l.port), guest: p.gen });
+    const inc = await (incoming as unknown as ReturnType<typeof receiveMigration>);
+    try {
+      assert.equal(inc.virtioState.queues.find((q) => q.index === 0)?.enabled, false);
+      assert.equal(inc.virtioState.queues.find((q) => q.index === 1)?.enabled, true);
+      assert.ok(!(p.devB.enables.get(0) ?? []).includes(true), "queue 0 never enabled");
+      assert.ok((p.devB.enables.get(1) ?? []).includes(true), "queue 1 enabled");
+      const tx = p.devB.counters[0]?.txPackets ?? 0;
+      const g = SeqTrafficGuest.restore(inc.frontend, inc.guestState ?? new Uint8Array(0));
+      g.start();
+      await until("traffic on the destination", () => (p.devB.counters[0]?.txPackets ?? 0) > tx);
+      g.stop();
+    } finally {
+      inc.frontend.close();
+      inc.ram.close();
+    }
+  } finally {
+    server?.close();
     p.close();
   }
 });

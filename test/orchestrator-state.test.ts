@@ -92,8 +92,13 @@ test("virtio state: round trip, features64 and packed subsections only when need
         assert.equal(d.queues.length, 2);
         assert.equal(d.queues[1]?.used, 0x7000);
         const text = Buffer.from(bytes).toString("latin1");
-        assert.equal(text.includes("virtio/features64"), features >> 32n !== 0n);
-        assert.equal(text.includes("virtio/packed"), (features & PACKED) !== 0n);
+        assert.equal(text.includes("virtio/64bit_features"), features >> 32n !== 0n);
+        assert.equal(text.includes("virtio/packed_virtqueues"), (features & PACKED) !== 0n);
+        const v1 = (features & featureMask(VirtioFeature.VERSION_1)) !== 0n;
+        assert.equal(text.includes("virtio/virtqueues"), v1);
+        // the rings here are at the legacy layout: derived from desc without VERSION_1
+        assert.equal(text.includes("virtio/legacy_rings"), false);
+        assert.equal(text.includes("virtio/device_endian"), false, "little-endian is the default");
         if ((features & PACKED) !== 0n) {
           assert.equal(d.queues[0]?.usedWrap, false);
           assert.equal(d.queues[1]?.availWrap, false);
@@ -102,6 +107,41 @@ test("virtio state: round trip, features64 and packed subsections only when need
     ),
     { numRuns: 200 },
   );
+});
+
+test("virtio state: saved in seed 001's order (transport, common, queues, queue transport, device, subsections); enabled and endianness round-trip", () => {
+  const s = baseState(featureMask(VirtioFeature.VERSION_1));
+  s.queues[1]!.enabled = false;
+  s.deviceEndian = "big";
+  const b = encodeVirtioState(s);
+  assert.equal(b[0], 2, "virtio state version");
+  assert.equal(b[1], 1, "transport first: vhost-user");
+  assert.equal(b.readBigUInt64BE(2), s.protocolFeatures, "transport: protocol features");
+  assert.equal(b[10], s.status, "then the common device fields: status");
+  assert.equal(b.readUInt32BE(11), Number(s.features & 0xffffffffn), "features");
+  const qAt = 15 + 4 + s.config.length + 2;
+  assert.equal(b.readUInt16BE(qAt - 2), 2, "number of queues");
+  assert.equal(b.readUInt16BE(qAt), 0, "common virtqueue fields: index");
+  assert.equal(b.readUInt16BE(qAt + 2), 256, "size");
+  const tAt = qAt + 2 * 16;
+  assert.deepEqual([b[tAt], b[tAt + 1]], [1, 0], "per-queue transport fields: enabled flags");
+  assert.equal(b.readUInt16BE(tAt + 2), 1, "then the device: virtio-net");
+  const text = b.toString("latin1");
+  const order = ["virtio/device_endian", "virtio/virtqueues"].map((n) => text.indexOf(n));
+  assert.ok(order[0]! > tAt && order[0]! < order[1]!, `subsections in order: ${order}`);
+  const d = decodeVirtioState(b);
+  assert.equal(d.queues[0]!.enabled, true);
+  assert.equal(d.queues[1]!.enabled, false, "a disabled queue stays disabled");
+  assert.equal(d.deviceEndian, "big");
+  assert.equal(d.queues[1]!.avail, 0x6000);
+  // without VERSION_1, rings at the legacy layout travel as desc only; others in a subsection
+  const legacy = baseState(0n);
+  assert.ok(!encodeVirtioState(legacy).toString("latin1").includes("virtio/legacy_rings"));
+  assert.equal(decodeVirtioState(encodeVirtioState(legacy)).queues[1]!.used, 0x7000);
+  legacy.queues[1]!.used = 0x9000;
+  const moved = encodeVirtioState(legacy);
+  assert.ok(moved.toString("latin1").includes("virtio/legacy_rings"));
+  assert.equal(decodeVirtioState(moved).queues[1]!.used, 0x9000);
 });
 
 test("virtio state: an optional unknown subsection is skipped, a required one fails", () => {
@@ -139,28 +179,45 @@ test("virtio state: load-time checks name the field", () => {
     const offered =
       featureMask(VirtioFeature.VERSION_1) | featureMask(VirtioFeature.RING_EVENT_IDX);
     const ok = baseState(featureMask(VirtioFeature.VERSION_1));
-    // avail.idx of queue 1 in guest memory: 65530 + 3 (3 pending)
-    new DataView(ram.regions[0]!.pieces[0]!.buffer).setUint16(
-      ram.regions[0]!.pieces[0]!.base + 0x6002,
-      65533,
-      true,
-    );
-    new DataView(ram.regions[0]!.pieces[0]!.buffer).setUint16(
-      ram.regions[0]!.pieces[0]!.base + 0x2002,
-      12,
-      true,
-    );
+    const poke = (gpa: number, v: number): void =>
+      new DataView(ram.regions[0]!.pieces[0]!.buffer).setUint16(
+        ram.regions[0]!.pieces[0]!.base + gpa,
+        v,
+        true,
+      );
+    // avail.idx of queue 1 in guest memory: 65530 + 3 (3 pending); queue 0: 10 + 2
+    poke(0x6002, 65533);
+    poke(0x2002, 12);
+    // used.idx in guest memory, as the state says
+    poke(0x3002, 10);
+    poke(0x7002, 65530);
     validateVirtioState(ok, { offeredFeatures: offered, memory: ram.memory });
-    const field = (s: VirtioDeviceState): string | undefined => {
+    let last: VirtioStateError | null = null;
+    const field = (s: VirtioDeviceState, crossEndian = false): string | undefined => {
       try {
-        validateVirtioState(s, { offeredFeatures: offered, memory: ram.memory, maxQueues: 2 });
+        validateVirtioState(s, {
+          offeredFeatures: offered,
+          memory: ram.memory,
+          maxQueues: 2,
+          crossEndian,
+        });
         return undefined;
       } catch (e) {
         assert.ok(e instanceof VirtioStateError);
+        last = e;
         return e.field;
       }
     };
+    const lastValue = (): string => String((last as VirtioStateError | null)?.value);
+    // 1. endianness: a virtio 1 device is little-endian; big legacy needs CROSS_ENDIAN
+    assert.equal(field({ ...ok, deviceEndian: "big" }), "deviceEndian");
+    assert.match(lastValue(), /VERSION_1/);
+    assert.equal(field({ ...ok, features: 0n, deviceEndian: "big" }), "deviceEndian");
+    assert.match(lastValue(), /CROSS_ENDIAN/);
+    assert.notEqual(field({ ...ok, features: 0n, deviceEndian: "big" }, true), "deviceEndian");
+    // 2. features against the destination back-end's offer, naming both
     assert.equal(field({ ...ok, features: ok.features | PACKED }), "features");
+    assert.match(lastValue(), /acked 0x.*offered 0x/);
     const q = (patch: object, i = 0): VirtioDeviceState => ({
       ...ok,
       queues: ok.queues.map((x, k) => (k === i ? { ...x, ...patch } : x)),
@@ -169,7 +226,20 @@ test("virtio state: load-time checks name the field", () => {
     assert.equal(field(q({ desc: 0xff800 })), "queue[0].desc");
     assert.equal(field(q({ used: 2 << 20 })), "queue[0].used");
     assert.equal(field(q({ lastAvailIdx: 65000, usedIdx: 65000 }, 1)), "queue[1].lastAvailIdx");
-    assert.equal(field({ ...ok, queues: [...ok.queues, ok.queues[0]!] }), "numQueues");
+    // 3. the used idx is read from guest memory, not only taken from the state
+    assert.equal(field(q({ usedIdx: 11 })), "queue[0].usedIdx");
+    assert.match(lastValue(), /11 \(used idx in guest memory 10\)/);
+    poke(0x3002, (10 - 300) & 0xffff);
+    assert.equal(field(q({ usedIdx: (10 - 300) & 0xffff })), "queue[0].usedIdx");
+    assert.match(lastValue(), /last avail idx 10, size 256/);
+    poke(0x3002, 10);
+    // 4. queue count and queue indices within the count
+    assert.equal(
+      field({ ...ok, queues: [...ok.queues, { ...ok.queues[0]!, index: 2 }] }),
+      "numQueues",
+    );
+    assert.equal(field(q({ index: 5 }, 1)), "queue[1].index");
+    assert.match(lastValue(), /5 \(queue count 2\)/);
   } finally {
     ram.close();
   }

@@ -623,6 +623,7 @@ async function destinationSwitchover(c: DestinationContext): Promise<void> {
   validateVirtioState(vs, {
     offeredFeatures: c.offered & ~LOG_ALL_MASK,
     memory: ram.memory,
+    crossEndian: hasFeature(fe.protocolFeatures, ProtocolFeature.CROSS_ENDIAN),
     // MQ's queue count: virtio-net has queue pairs and a control queue; others the count.
     ...(c.queueNum !== null
       ? { maxQueues: vs.deviceId === 1 ? c.queueNum * 2 + 1 : c.queueNum }
