@@ -19,6 +19,7 @@ import {
   MigrationStreamError,
   crc32,
   isMigrationStreamError,
+  TRANSFER_PIPE_SIZE,
   readStateFromFd,
   writeStateToFd,
 } from "../src/migration/index.js";
@@ -482,7 +483,9 @@ test("state transfer over a pipe: exact bytes in any chunking, TOO_LARGE past th
   {
     const [r, w] = native.pipe(true);
     const reading = readStateFromFd(r, { maxBytes: 1000 });
-    const writing = writeStateToFd(w, data).catch((e: unknown) => e);
+    // more than the pipe holds (the transfer widens it to TRANSFER_PIPE_SIZE)
+    const big = new Uint8Array(TRANSFER_PIPE_SIZE * 4);
+    const writing = writeStateToFd(w, big).catch((e: unknown) => e);
     await assert.rejects(
       reading,
       (e: unknown) => e instanceof MigrationStreamError && e.reason === "TOO_LARGE",
