@@ -280,9 +280,11 @@ async function main(): Promise<void> {
   console.log(
     "backend   downtime(ms)  total(ms)  iterations  pages     zero      final  stream(MiB)  state(B)  echoes before/after",
   );
+  const runs: { kind: string; res: MigrationResult }[] = [];
   for (let r = 0; r < repeat; r++) {
     for (const kind of values.backends.split(",")) {
       const { res, echoesBefore, echoesAfter } = await oneMigration(kind, mem, fill);
+      runs.push({ kind, res });
       console.log(
         `${kind.padEnd(9)} ${res.downtimeMs.toFixed(1).padStart(12)} ${res.totalMs.toFixed(0).padStart(10)} ` +
           `${String(res.iterations).padStart(11)} ${String(res.pagesSent).padStart(9)} ` +
@@ -292,6 +294,12 @@ async function main(): Promise<void> {
       );
     }
   }
+  for (const { kind, res } of runs) {
+    console.log(`${kind} downtime breakdown:`);
+    for (const d of res.downtimeSteps) {
+      console.log(`  ${d.step.padEnd(36)} ${d.ms.toFixed(2).padStart(8)} ms`);
+    }
+  }
   if (qemu) {
     try {
       const q = await qemuMigration(mem / 1048576);
@@ -299,6 +307,12 @@ async function main(): Promise<void> {
         `qemu+dpdk ${q.downtimeMs.toFixed(1).padStart(12)} ${q.totalMs.toFixed(0).padStart(10)}` +
           "   (QEMU 7.2 TCG's own figures, same RAM size, guest idle, testpmd back-ends)",
       );
+      for (const { kind, res } of runs) {
+        console.log(
+          `${kind} downtime / QEMU's: ${(res.downtimeMs / q.downtimeMs).toFixed(2)} ` +
+            `(${res.downtimeMs.toFixed(1)} / ${q.downtimeMs.toFixed(1)} ms)`,
+        );
+      }
     } catch (err) {
       console.log(`qemu+dpdk: not run (${(err as Error).message.split("\n")[0] ?? ""})`);
     }

@@ -131,6 +131,22 @@ static napi_value fn_set_nonblocking(napi_env env, napi_callback_info info) {
   return vk_undefined(env);
 }
 
+/**
+ * setPipeSize(fd, bytes): number. F_SETPIPE_SZ: the pipe's capacity (the kernel rounds up to a
+ * power-of-two number of pages; capped by /proc/sys/fs/pipe-max-size for unprivileged users).
+ * Returns the capacity set, or -1 when the fd is not a pipe or the size is refused.
+ */
+static napi_value fn_set_pipe_size(napi_env env, napi_callback_info info) {
+  vk_args a;
+  int fd;
+  uint64_t bytes = 0;
+  if (!vk_args_get(env, info, "setPipeSize", &a)) return NULL;
+  if (!vk_arg_fd(&a, 0, "fd", &fd)) return NULL;
+  if (!vk_arg_uint(&a, 1, "bytes", 4096, 1u << 30, &bytes)) return NULL;
+  int r = fcntl(fd, F_SETPIPE_SZ, (int)bytes);
+  return vk_number(env, r < 0 ? -1 : r);
+}
+
 /** read(fd, buffer, offset, length): number | null */
 static napi_value fn_read(napi_env env, napi_callback_info info) {
   vk_args a;
@@ -187,6 +203,7 @@ bool vk_register_fd(napi_env env, napi_value exports) {
       {"dup", fn_dup},
       {"close", fn_close},
       {"setNonBlocking", fn_set_nonblocking},
+      {"setPipeSize", fn_set_pipe_size},
       {"read", fn_read},
       {"write", fn_write},
       {"pageSize", fn_page_size},

@@ -26,6 +26,7 @@ export * from "./testing/mock-driver.js";
 export * from "./net/index.js";
 export * from "./migration/state-codec.js";
 export * from "./migration/transfer.js";
+export * from "./migration/staged.js";
 export {
   MIGRATION_MAGIC,
   MIGRATION_HEADER_SIZE,
@@ -33,7 +34,6 @@ export {
   DEFAULT_MAX_STREAM_BYTES,
   MIGRATION_DIAGNOSTICS_CHANNEL,
   readHeader as readStateStreamHeader,
-  encodeHeader as encodeStateStreamHeader,
   inspectStream,
   MigrationFormat,
   defineMigration,
@@ -57,9 +57,7 @@ export * from "./orchestrator/source.js";
 export * from "./orchestrator/destination.js";
 export * from "./orchestrator/traffic.js";
 export {
-  STREAM_MAGIC as HOST_STREAM_MAGIC,
-  STREAM_VERSION as HOST_STREAM_VERSION,
-  STREAM_COMPAT_VERSION as HOST_STREAM_COMPAT_VERSION,
+  HOST_STREAM_STAGES,
   SectionType as HostStreamSection,
   MigrationStreamFormatError,
   SectionReader as HostStreamReader,

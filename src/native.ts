@@ -123,6 +123,11 @@ export interface NativeBinding {
   close(fd: number): void;
   /** Set or clear O_NONBLOCK. */
   setNonBlocking(fd: number, nonBlocking: boolean): void;
+  /**
+   * fcntl(F_SETPIPE_SZ): a pipe's capacity in bytes (rounded up by the kernel). Returns the
+   * capacity set, or -1 when the fd is not a pipe or the size is refused.
+   */
+  setPipeSize(fd: number, bytes: number): number;
   /** read(fd) into `buffer[offset, offset+length)`. Returns bytes read (0 = EOF) or `null` on EAGAIN. */
   read(fd: number, buffer: Uint8Array, offset: number, length: number): number | null;
   /** write(fd) from `buffer[offset, offset+length)`. Returns bytes written or `null` on EAGAIN. */

@@ -9,7 +9,6 @@ import fc from "fast-check";
 import {
   MIGRATION_MAGIC,
   MigrationFormat,
-  encodeHeader,
   inspectStream,
   loadStream,
   readHeader,
@@ -20,9 +19,11 @@ import {
   MigrationStreamError,
   crc32,
   isMigrationStreamError,
+  TRANSFER_PIPE_SIZE,
   readStateFromFd,
   writeStateToFd,
 } from "../src/migration/index.js";
+import { encodeStreamHeader, stateStream } from "../src/migration/staged.js";
 import { native } from "../src/native.js";
 
 /** A toy device: a name, counters and a list of MACs, as a device author would have. */
@@ -217,7 +218,7 @@ test("bad headers: magic, zero versions, compat above version", () => {
     [0, 1],
   ] as const) {
     const s = good.slice();
-    s.set(encodeHeader(v, c));
+    s.set(encodeStreamHeader(stateStream, v, c));
     assert.throws(
       () => f.loadStream(toy(2), s),
       (e) => isMigrationStreamError(e, "BAD_HEADER"),
@@ -482,7 +483,9 @@ test("state transfer over a pipe: exact bytes in any chunking, TOO_LARGE past th
   {
     const [r, w] = native.pipe(true);
     const reading = readStateFromFd(r, { maxBytes: 1000 });
-    const writing = writeStateToFd(w, data).catch((e: unknown) => e);
+    // more than the pipe holds (the transfer widens it to TRANSFER_PIPE_SIZE)
+    const big = new Uint8Array(TRANSFER_PIPE_SIZE * 4);
+    const writing = writeStateToFd(w, big).catch((e: unknown) => e);
     await assert.rejects(
       reading,
       (e: unknown) => e instanceof MigrationStreamError && e.reason === "TOO_LARGE",

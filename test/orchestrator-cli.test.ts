@@ -100,6 +100,10 @@ test("vhostkit migrate: serve, incoming, --from/--to with progress and figures",
     assert.equal(code, 0, `${out}\n${ioC.err.join("")}`);
     assert.match(out, /\[precopy\] iteration 1/);
     assert.match(out, /downtime\s+\d+\.\d ms/);
+    // the downtime broken down per step, source stages then the destination's
+    assert.match(out, /\n {4}source: stop\s+\d+\.\d\d ms\n/);
+    assert.match(out, /\n {4}source: switchover\s+\d+\.\d\d ms\n/);
+    assert.match(out, /\n {4}destination: enable\s+\d+\.\d\d ms\n/);
     assert.match(out, /iterations\s+\d+/);
     assert.match(out, /pages sent\s+\d+/);
     assert.match(out, /virtio state\s+\d+ bytes/);

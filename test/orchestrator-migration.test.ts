@@ -29,7 +29,6 @@ import {
   SectionReader,
   SeqTrafficGuest,
   decodeVirtioState,
-  encodeHeader,
   encodeJsonSection,
   encodeSection,
   encodeVirtioState,
@@ -44,6 +43,7 @@ import {
   hasFeature,
 } from "../src/protocol/constants.js";
 import { VhostUserError } from "../src/protocol/errors.js";
+import { encodeStreamHeader, hostStream } from "../src/migration/staged.js";
 import type { QueueBase } from "../src/virtq/types.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x11]);
@@ -858,7 +858,7 @@ async function tamperingProxy(
       const r = new SectionReader(up);
       try {
         await r.header();
-        down.write(encodeHeader());
+        down.write(encodeStreamHeader(hostStream, 1, 1));
         for (;;) {
           const s = rewrite(await r.next());
           down.write(encodeSection(s.type, s.payload));
@@ -1039,7 +1039,9 @@ test("fault: packed ring with buffers in flight in the source back-end is refuse
         // check can refuse it
         return { type: s.type, payload: encodeVirtioState(vs) };
       },
-      "queue[1].lastAvailIdx",
+      // A ring stopped at position 0 with wrap 0 cannot state its used half explicitly (0/0
+      // reads as "used = avail", DPDK's form): the driver check refuses it first then.
+      /^queue\[1\]\.(lastAvailIdx|usedIdx)$/,
     );
   } finally {
     p.close();

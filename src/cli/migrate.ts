@@ -207,6 +207,7 @@ function formatResult(r: MigrationResult): string {
   return (
     `migration completed\n` +
     `  downtime        ${r.downtimeMs.toFixed(1)} ms\n` +
+    r.downtimeSteps.map((d) => `    ${d.step.padEnd(36)} ${d.ms.toFixed(2)} ms\n`).join("") +
     `  total time      ${r.totalMs.toFixed(1)} ms\n` +
     `  iterations      ${r.iterations}\n` +
     `  pages sent      ${r.pagesSent} (${r.zeroPages} zero, ${r.finalPages} after the stop)\n` +

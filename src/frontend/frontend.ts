@@ -748,6 +748,8 @@ export class VhostUserFrontend extends EventEmitter {
    */
   async setVringEnable(index: number, enabled: boolean): Promise<void> {
     await this.#call(FR.SET_VRING_ENABLE, { index, num: enabled ? 1 : 0 });
+    const q = this.#queues.get(index);
+    if (q !== undefined) q.enabled = enabled;
   }
 
   /**
@@ -1114,6 +1116,8 @@ export class VhostUserFrontend extends EventEmitter {
       }
       if (options.enable !== false && this.#protocolFeaturesAcked()) {
         await this.setVringEnable(index, true);
+      } else if (options.enable === false && this.#protocolFeaturesAcked()) {
+        q.enabled = false;
       }
     } catch (err) {
       this.#queues.delete(index);
@@ -1151,7 +1155,10 @@ export class VhostUserFrontend extends EventEmitter {
    */
   async stopQueue(index: number): Promise<QueueBase> {
     const q = this.#queueOrThrow("stopQueue", index);
+    // The driver's choice survives the stop (a migration saves it).
+    const enabled = q.enabled;
     if (this.#protocolFeaturesAcked()) await this.setVringEnable(index, false);
+    q.enabled = enabled;
     const reply = await this.#ask(FR.GET_VRING_BASE, { index, num: 0 });
     if (reply.index !== index) {
       throw new VhostUserError("ERR_VHOST_BAD_FIELD", `reply names queue ${reply.index}`, {

@@ -205,6 +205,11 @@ export class FrontendQueue extends EventEmitter {
   stopped = false;
   /** SET_VRING_ERR was sent at set-up (a restart sends it again; "skip" set-ups never do) */
   sentErr = false;
+  /**
+   * The ring is enabled (SET_VRING_ENABLE 1, or started without F_PROTOCOL_FEATURES); a stop
+   * with GET_VRING_BASE leaves it as it was, so a migration saves the driver's choice.
+   */
+  enabled = true;
   /** size of one pool buffer */
   readonly bufferSize: number;
   #driver: Driver;

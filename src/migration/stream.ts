@@ -25,14 +25,22 @@
  * Spec: vhost-user "Migrating back-end state" (the state format is the back-end's own).
  */
 import diagnosticsChannel from "node:diagnostics_channel";
+import {
+  MAX_STAGE_NAME_BYTES,
+  STAGED_HEADER_SIZE,
+  StageTable,
+  decodeStreamHeader,
+  stateStream,
+} from "./staged.js";
+import type { StagedVersion, StreamHeader } from "./staged.js";
 import { MigrationStreamError, StageReader, StageWriter, crc32 } from "./state-codec.js";
 
 /** Magic number of the header (passt `migrate.h`: `0xB1BB1D1B0BB1D1B0`, network order). */
-export const MIGRATION_MAGIC = 0xb1bb1d1b0bb1d1b0n;
+export const MIGRATION_MAGIC = stateStream.magic;
 /** Size of the header: magic u64, version u32, compat_version u32. */
-export const MIGRATION_HEADER_SIZE = 16;
+export const MIGRATION_HEADER_SIZE = STAGED_HEADER_SIZE;
 /** Longest stage name (bytes of UTF-8). */
-export const MAX_STAGE_NAME = 255;
+export const MAX_STAGE_NAME = MAX_STAGE_NAME_BYTES;
 /** Default cap on a whole stream (64 MiB, the back-end's default for LOAD). */
 export const DEFAULT_MAX_STREAM_BYTES = 64 * 1024 * 1024;
 /** Bytes a section adds around its data: name length, data length, CRC. */
@@ -75,20 +83,11 @@ export interface MigrationStage<Ctx> {
 }
 
 /**
- * A version and its ordered stages (passt: `struct migrate_version`).
+ * A version and its ordered stages (passt: `struct migrate_version`); `compat` (default: `id`)
+ * is the oldest version able to read it.
  * @typeParam Ctx what the stages save from and load into
  */
-export interface MigrationVersion<Ctx> {
-  /** version number, >= 1 */
-  readonly id: number;
-  /**
-   * oldest version able to read a stream of this version (default: `id`); a version that only
-   * adds stages can declare the previous one, whose targets then skip the new sections
-   */
-  readonly compat?: number;
-  /** the stages, in stream order */
-  readonly stages: readonly MigrationStage<Ctx>[];
-}
+export type MigrationVersion<Ctx> = StagedVersion<MigrationStage<Ctx>>;
 
 /** Options of {@link MigrationFormat}. */
 export interface MigrationFormatOptions {
@@ -105,12 +104,7 @@ export interface SaveOptions {
 }
 
 /** The parsed header of a stream. */
-export interface MigrationHeader {
-  /** the source's version (how the stream is encoded) */
-  version: number;
-  /** the oldest version able to read it */
-  compatVersion: number;
-}
+export type MigrationHeader = StreamHeader;
 
 /** What {@link MigrationFormat.prepareLoad} found, ready to apply. */
 export interface PreparedLoad {
@@ -145,52 +139,14 @@ export interface SectionInfo {
 }
 
 /**
- * Read and check a stream's header.
+ * Read and check a state stream's header.
  * @param data the stream
  * @returns version and compat_version
  * @throws MigrationStreamError TRUNCATED, BAD_MAGIC or BAD_HEADER
  * (passt `migrate.h`: `struct migrate_header`)
  */
 export function readHeader(data: Uint8Array): MigrationHeader {
-  if (data.length < MIGRATION_HEADER_SIZE) {
-    throw new MigrationStreamError("TRUNCATED", "stream shorter than its 16-byte header", {
-      field: "header",
-      value: data.length,
-    });
-  }
-  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
-  const magic = view.getBigUint64(0, false);
-  if (magic !== MIGRATION_MAGIC) {
-    throw new MigrationStreamError("BAD_MAGIC", "not a vhostkit migration stream", {
-      field: "magic",
-      value: magic,
-    });
-  }
-  const version = view.getUint32(8, false);
-  const compatVersion = view.getUint32(12, false);
-  if (version === 0 || compatVersion === 0 || compatVersion > version) {
-    throw new MigrationStreamError(
-      "BAD_HEADER",
-      `version ${version} with compat_version ${compatVersion}: need 1 <= compat_version <= version`,
-      { field: "compat_version", value: compatVersion },
-    );
-  }
-  return { version, compatVersion };
-}
-
-/**
- * Write a header.
- * @param version the stream's version
- * @param compatVersion the oldest version able to read it
- * @returns the 16 bytes
- */
-export function encodeHeader(version: number, compatVersion: number): Uint8Array {
-  const out = new Uint8Array(MIGRATION_HEADER_SIZE);
-  const view = new DataView(out.buffer);
-  view.setBigUint64(0, MIGRATION_MAGIC, false);
-  view.setUint32(8, version, false);
-  view.setUint32(12, compatVersion, false);
-  return out;
+  return decodeStreamHeader(stateStream, data);
 }
 
 /** A cursor over the stream bytes, with errors naming the stream offset. */
@@ -333,7 +289,7 @@ export class MigrationFormat<Ctx> {
   readonly name: string;
   /** largest stream written or accepted */
   readonly maxBytes: number;
-  readonly #versions: readonly MigrationVersion<Ctx>[];
+  readonly #table: StageTable<MigrationStage<Ctx>>;
 
   /**
    * @param versions every version this side knows (any order)
@@ -344,43 +300,17 @@ export class MigrationFormat<Ctx> {
   constructor(versions: readonly MigrationVersion<Ctx>[], options: MigrationFormatOptions = {}) {
     this.name = options.name ?? "state";
     this.maxBytes = options.maxBytes ?? DEFAULT_MAX_STREAM_BYTES;
-    const def = (what: string, field: string, value: unknown): MigrationStreamError =>
-      new MigrationStreamError("BAD_DEFINITION", `${this.name}: ${what}`, { field, value });
-    if (versions.length === 0) throw def("no version defined", "versions.length", 0);
-    const ids = new Set<number>();
-    for (const v of versions) {
-      if (!Number.isInteger(v.id) || v.id < 1 || v.id > 0xffff_ffff)
-        throw def("version ids are 1..2^32-1", "version.id", v.id);
-      if (ids.has(v.id)) throw def("version defined twice", "version.id", v.id);
-      ids.add(v.id);
-      const compat = v.compat ?? v.id;
-      if (!Number.isInteger(compat) || compat < 1 || compat > v.id)
-        throw def(`compat of version ${v.id} must be 1..${v.id}`, "version.compat", compat);
-      const names = new Set<string>();
-      for (const s of v.stages) {
-        const n = new TextEncoder().encode(s.name).length;
-        if (n === 0 || n > MAX_STAGE_NAME)
-          throw def(`stage names are 1..${MAX_STAGE_NAME} bytes`, "stage.name", s.name);
-        if (names.has(s.name))
-          throw def(`stage named twice in version ${v.id}`, "stage.name", s.name);
-        names.add(s.name);
-      }
-    }
-    this.#versions = [...versions].sort((a, b) => a.id - b.id);
+    this.#table = new StageTable(stateStream, versions, this.name);
   }
 
   /** @returns the version ids this side knows, ascending */
   get versions(): number[] {
-    return this.#versions.map((v) => v.id);
+    return this.#table.versions;
   }
 
   /** @returns the newest version id */
   get newest(): number {
-    return (this.#versions[this.#versions.length - 1] as MigrationVersion<Ctx>).id;
-  }
-
-  #version(id: number): MigrationVersion<Ctx> | undefined {
-    return this.#versions.find((v) => v.id === id);
+    return this.#table.newest.id;
   }
 
   /**
@@ -390,16 +320,7 @@ export class MigrationFormat<Ctx> {
    * @throws MigrationStreamError NO_COMPATIBLE_VERSION naming both ranges
    */
   chooseVersion(header: MigrationHeader): MigrationVersion<Ctx> {
-    for (let i = this.#versions.length - 1; i >= 0; i--) {
-      const v = this.#versions[i] as MigrationVersion<Ctx>;
-      if (v.id >= header.compatVersion && v.id <= header.version) return v;
-    }
-    throw new MigrationStreamError(
-      "NO_COMPATIBLE_VERSION",
-      `${this.name}: stream version ${header.version} (compatible back to ` +
-        `${header.compatVersion}) but this side knows versions ${this.versions.join(", ")}`,
-      { field: "version", value: `${header.compatVersion}..${header.version}` },
-    );
+    return this.#table.chooseVersion(header);
   }
 
   /**
@@ -413,14 +334,8 @@ export class MigrationFormat<Ctx> {
    */
   saveStream(ctx: Ctx, options: SaveOptions = {}): Uint8Array {
     const id = options.version ?? this.newest;
-    const v = this.#version(id);
-    if (v === undefined) {
-      throw new MigrationStreamError("BAD_DEFINITION", `${this.name}: no such version`, {
-        field: "version",
-        value: id,
-      });
-    }
-    const parts: Uint8Array[] = [encodeHeader(v.id, v.compat ?? v.id)];
+    const parts: Uint8Array[] = [this.#table.header(id)];
+    const v = this.#table.version(id) as MigrationVersion<Ctx>;
     let total = MIGRATION_HEADER_SIZE + 6;
     for (const stage of v.stages) {
       if (stage.save === undefined) continue;

@@ -37,11 +37,16 @@ import {
   MigrationStreamFormatError,
   SectionReader,
   SectionType,
+  StageTable,
   encodeJsonSection,
   encodeSection,
+  hostStream,
+  hostVersions,
   parseJson,
+  runDestinationStages,
   writeAll,
 } from "./stream.js";
+import type { HostStage, HostVersion, Section } from "./stream.js";
 import { decodeVirtioState, validateVirtioState } from "./virtio-state.js";
 import type { VirtioDeviceState, VirtioQueueState } from "./virtio-state.js";
 
@@ -55,6 +60,8 @@ export interface DestinationOptions {
   protocolFeatures?: bigint;
   /** send SEND_RARP when allowed: "auto" (default: driver lacks GUEST_ANNOUNCE), or never */
   rarp?: "auto" | "never";
+  /** the host stream versions this side knows (default {@link DESTINATION_VERSIONS}) */
+  streamVersions?: readonly HostVersion<DestinationContext>[];
   /** progress callback: sections as they arrive */
   onProgress?: (p: { section: string; pagesReceived: number; bytesReceived: number }) => void;
 }
@@ -79,6 +86,10 @@ export interface IncomingResult {
   rarpSent: boolean;
   /** the memory hash was sent by the source and matched */
   memoryVerified: boolean;
+  /** the host stream version chosen to read the source's stream */
+  streamVersion: number;
+  /** stages of a newer source that this side's version lacks, skipped */
+  skippedStages: string[];
 }
 
 function fail(field: string, value: unknown, what: string): VhostUserError {
@@ -404,195 +415,368 @@ function checkPackedPosition(q: VirtioQueueState, snap: DriverSnapshot): void {
   }
 }
 
+/** Everything the destination's stages share (one incoming migration's state). */
+export interface DestinationContext {
+  options: DestinationOptions;
+  stream: Duplex;
+  reader: SectionReader;
+  ram: GuestRam | null;
+  fe: VhostUserFrontend | null;
+  setup: SetupSection | null;
+  features: bigint;
+  offered: bigint;
+  queueNum: number | null;
+  hello: HelloSection | null;
+  statusNegotiated: boolean;
+  pagesReceived: number;
+  touched: TouchedPages;
+  vs: VirtioDeviceState | null;
+  backendState: Uint8Array | null;
+  driverJson: unknown;
+  guestState: Uint8Array | null;
+  memoryVerified: boolean;
+  queues: FrontendQueue[];
+  rarpSent: boolean;
+  /** the chosen host stream version */
+  version: number;
+  report(section: string): void;
+}
+
+const LOG_ALL_MASK = featureMask(VirtioFeature.LOG_ALL);
+
+function unexpected(stage: string, s: Section): MigrationStreamFormatError {
+  return new MigrationStreamFormatError(
+    "section",
+    SectionType[s.type] ?? s.type,
+    `section not expected in stage "${stage}"`,
+  );
+}
+
 /**
- * Receive a migration on an accepted connection and start the device here.
+ * Read the one section a stage consists of (or null when the stage is empty and may be), and
+ * check that no other follows in the stage (unless it is the last stage).
+ */
+async function onlySection(
+  c: DestinationContext,
+  stage: string,
+  type: SectionType,
+  optional: boolean,
+  last = false,
+): Promise<Section | null> {
+  const s = await c.reader.nextInStage();
+  if (s === null) {
+    if (optional) return null;
+    throw fail(SectionType[type] as string, "missing", `no ${SectionType[type]} in the stream`);
+  }
+  if (s.type !== type) throw unexpected(stage, s);
+  // The last stage's section ends the source's stream until DONE: no look-ahead there.
+  if (!last && (await c.reader.nextInStage()) !== null) {
+    throw fail(SectionType[type] as string, "twice", `stage "${stage}" has more than one section`);
+  }
+  c.report(SectionType[type] as string);
+  return s;
+}
+
+/**
+ * setup: guest RAM with the source's layout, this host's back-end connected and negotiated,
+ * HELLO to the source, then the features, status and memory table set before the pages arrive
+ * (a back-end slow to map guest RAM, as DPDK without hugepages, does it outside the downtime).
+ */
+async function destinationSetup(c: DestinationContext): Promise<void> {
+  const first = await c.reader.nextInStage();
+  if (first === null || first.type !== SectionType.SETUP) {
+    throw fail(
+      "section",
+      first === null ? "none" : (SectionType[first.type] ?? first.type),
+      "expected SETUP first",
+    );
+  }
+  const setup = checkSetup(parseJson(first));
+  c.setup = setup;
+  c.report("SETUP");
+  c.ram = GuestRam.create({
+    regions: setup.regions,
+    layout: setup.layout,
+    name: "vhostkit-incoming",
+  });
+  c.fe = await c.options.connectBackend();
+  const fe = c.fe;
+  c.features = u64(setup.features, "SETUP.features");
+  const negotiateOpts: NegotiateOptions = {
+    features: c.features,
+    protocolFeatures:
+      c.options.protocolFeatures ??
+      FRONTEND_PROTOCOL_FEATURES | featureSet(ProtocolFeature.DEVICE_STATE),
+  };
+  const neg = await fe.negotiate(negotiateOpts);
+  c.offered = neg.offeredFeatures;
+  c.queueNum = neg.queueNum;
+  c.hello = {
+    offeredFeatures: neg.offeredFeatures.toString(),
+    protocolFeatures: fe.protocolFeatures.toString(),
+    deviceState: hasFeature(fe.protocolFeatures, ProtocolFeature.DEVICE_STATE),
+  };
+  await writeAll(
+    c.stream,
+    encodeJsonSection(SectionType.HELLO, { ...c.hello, version: c.version }),
+  );
+  const missing = c.features & ~(neg.offeredFeatures & ~LOG_ALL_MASK);
+  if (missing !== 0n) {
+    throw fail("features", `0x${missing.toString(16)}`, "source features not offered here");
+  }
+  await fe.setFeatures(c.features);
+  c.statusNegotiated = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS);
+  if (c.statusNegotiated) {
+    await fe.setStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK);
+  }
+  // The contents do not matter to SET_MEM_TABLE: the pages come later.
+  await fe.setMemTable(c.ram, { sync: true });
+}
+
+/** precopy and final pages: apply the pages of each pass, acknowledge each pass's end. */
+async function destinationPages(c: DestinationContext): Promise<void> {
+  const ram = c.ram as GuestRam;
+  for (;;) {
+    const s = await c.reader.nextInStage();
+    if (s === null) return;
+    if (s.type === SectionType.PAGES) {
+      c.pagesReceived += applyPages(ram.memory, s.payload, c.touched).pages;
+      continue;
+    }
+    if (s.type !== SectionType.ITERATION_END) throw unexpected(c.reader.stage, s);
+    c.report("ITERATION_END");
+    // Tell the source this pass is in: it paces its passes (and its stop) on these.
+    if (s.payload.length !== 8) {
+      throw fail("ITERATION_END", s.payload.length, "ITERATION_END must be 8 bytes");
+    }
+    const ack = Buffer.alloc(4);
+    ack.set(s.payload.subarray(0, 4));
+    await writeAll(c.stream, encodeSection(SectionType.ITERATION_ACK, ack));
+  }
+}
+
+/** stop: nothing comes (the source stops its rings). */
+async function destinationStop(c: DestinationContext): Promise<void> {
+  const s = await c.reader.nextInStage();
+  if (s !== null) throw unexpected("stop", s);
+}
+
+/** virtio state: decoded in seed 001's load order (checked at switch-over). */
+async function destinationVirtioState(c: DestinationContext): Promise<void> {
+  const s = (await onlySection(c, "virtio state", SectionType.VIRTIO_STATE, false)) as Section;
+  c.vs = decodeVirtioState(s.payload);
+}
+
+/** backend state: the back-end's blob, when the source sent one. */
+async function destinationBackendState(c: DestinationContext): Promise<void> {
+  const s = await onlySection(c, "backend state", SectionType.BACKEND_STATE, true);
+  if (s === null) return;
+  if (!(c.hello as HelloSection).deviceState) {
+    throw fail(
+      "BACKEND_STATE",
+      s.payload.length,
+      "back-end state sent but DEVICE_STATE not negotiated",
+    );
+  }
+  c.backendState = s.payload;
+}
+
+/** driver state: the driver side of each ring (checked at switch-over). */
+async function destinationDriverState(c: DestinationContext): Promise<void> {
+  const s = (await onlySection(c, "driver state", SectionType.DRIVER_STATE, false)) as Section;
+  c.driverJson = parseJson(s);
+}
+
+/** guest state: the guest's own state, when the source sent one. */
+async function destinationGuestState(c: DestinationContext): Promise<void> {
+  const s = await onlySection(c, "guest state", SectionType.GUEST_STATE, true);
+  c.guestState = s?.payload ?? null;
+}
+
+/**
+ * switchover: END (the RAM hash checked when sent), every state checked before anything is
+ * applied, then the rings set up from the source's bases, the back-end state loaded, the
+ * enabled rings enabled and kicked, RARP, and DONE with this side's step timings.
+ */
+async function destinationSwitchover(c: DestinationContext): Promise<void> {
+  const ram = c.ram as GuestRam;
+  const fe = c.fe as VhostUserFrontend;
+  const s = (await onlySection(c, "switchover", SectionType.END, false, true)) as Section;
+  if (s.payload.length !== 33) throw fail("END", s.payload.length, "END must be 33 bytes");
+  const steps: { step: string; ms: number }[] = [];
+  let t = performance.now();
+  const step = (name: string): void => {
+    const now = performance.now();
+    steps.push({ step: name, ms: now - t });
+    t = now;
+  };
+  if (s.payload[0] === 1) {
+    const got = hashGuestRam(ram);
+    if (!timingSafeEqual(got, Buffer.from(s.payload.subarray(1)))) {
+      throw fail("memoryHash", got.toString("hex"), "guest RAM differs from the source's");
+    }
+    c.memoryVerified = true;
+    step("memory hash");
+  }
+  const vs = c.vs as VirtioDeviceState;
+  // --- check before applying (seed 001's sanitize steps)
+  validateVirtioState(vs, {
+    offeredFeatures: c.offered & ~LOG_ALL_MASK,
+    memory: ram.memory,
+    crossEndian: hasFeature(fe.protocolFeatures, ProtocolFeature.CROSS_ENDIAN),
+    // MQ's queue count: virtio-net has queue pairs and a control queue; others the count.
+    ...(c.queueNum !== null
+      ? { maxQueues: vs.deviceId === 1 ? c.queueNum * 2 + 1 : c.queueNum }
+      : {}),
+  });
+  if (vs.features !== c.features) {
+    throw fail("features", `0x${vs.features.toString(16)}`, "virtio state and SETUP disagree");
+  }
+  const driver = checkDriverState(c.driverJson, vs, ram);
+  const snaps = new Map(driver.queues.map((q) => [q.index, q]));
+  for (const q of vs.queues) {
+    const snap = snaps.get(q.index) as DriverSnapshot;
+    if (!snap.packed && snap.lastUsedIdx !== q.lastAvailIdx) {
+      throw fail(`queue[${q.index}].lastAvailIdx`, q.lastAvailIdx, "driver has not caught up");
+    }
+    if (snap.packed) checkPackedPosition(q, snap);
+  }
+  ram.restoreAllocator(driver.allocator);
+  step("checks");
+
+  // --- apply: rings (not started), back-end state, then start
+  for (const q of vs.queues) {
+    const snap = snaps.get(q.index) as DriverSnapshot;
+    // Both formats continue at the source's position: SET_VRING_BASE with the values the
+    // source's GET_VRING_BASE returned (packed: avail idx + wrap, used idx + wrap); the driver
+    // continues over the migrated ring memory (FrontendQueue.restoreSnapshot), so buffers in
+    // flight at the stop are found there by the device.
+    const base: QueueBase = snap.packed
+      ? {
+          availIdx: q.lastAvailIdx,
+          availWrap: q.availWrap ?? true,
+          usedIdx: q.usedIdx,
+          usedWrap: q.usedWrap ?? true,
+        }
+      : { availIdx: q.lastAvailIdx };
+    c.queues.push(
+      await fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false }),
+    );
+  }
+  await fe.barrier();
+  step("rings");
+  if (c.backendState !== null) {
+    await loadBackendState(fe, c.backendState);
+    step("backend state");
+  }
+  const pf = hasFeature(fe.features, VirtioFeature.PROTOCOL_FEATURES);
+  const enabled = new Map(vs.queues.map((q) => [q.index, q.enabled]));
+  for (const q of c.queues) {
+    // A ring the driver had disabled stays disabled (without F_PROTOCOL_FEATURES every ring
+    // starts enabled: there is no SET_VRING_ENABLE).
+    if (pf && enabled.get(q.index) === false) continue;
+    if (pf) await fe.setVringEnable(q.index, true);
+    q.forceKick();
+  }
+  if (c.statusNegotiated) await fe.setStatus(vs.status);
+  await fe.barrier();
+  step("enable");
+  if (
+    c.options.rarp !== "never" &&
+    !hasFeature(vs.features, VirtioFeature.GUEST_ANNOUNCE) &&
+    hasFeature(fe.protocolFeatures, ProtocolFeature.RARP) &&
+    vs.deviceId === 1 &&
+    vs.device.length >= 6
+  ) {
+    await fe.sendRarp(vs.device.subarray(0, 6));
+    await fe.barrier();
+    c.rarpSent = true;
+    step("rarp");
+  }
+  await writeAll(c.stream, encodeJsonSection(SectionType.DONE, { ok: true, steps }));
+  c.stream.end();
+  c.report("DONE");
+}
+
+/** The destination's stage functions, by the names of HOST_STREAM_STAGES. */
+const DESTINATION_STAGES: Readonly<Record<string, Omit<HostStage<DestinationContext>, "name">>> = {
+  setup: { run: destinationSetup },
+  precopy: { run: destinationPages },
+  stop: { run: destinationStop },
+  "final pages": { run: destinationPages },
+  "virtio state": { run: destinationVirtioState },
+  "backend state": { run: destinationBackendState },
+  "driver state": { run: destinationDriverState },
+  "guest state": { run: destinationGuestState },
+  switchover: { run: destinationSwitchover },
+};
+
+/** The destination's host stream versions (see HOST_STREAM_STAGES). */
+export const DESTINATION_VERSIONS: readonly HostVersion<DestinationContext>[] =
+  hostVersions(DESTINATION_STAGES);
+
+/**
+ * Receive a migration on an accepted connection and start the device here: the stages of the
+ * newest host stream version this side knows within the source's [compat_version, version]
+ * (HOST_STREAM_STAGES), stages of a newer source that this version lacks skipped.
  * @param options the connection, how to reach the back-end, RARP policy
  * @returns the running device
  * @throws Error (after sending FAIL and releasing the back-end connection and the RAM) when the
- *   stream is malformed or truncated, the state does not validate, or the back-end refuses
- * (vhost-user: "Migration", "Migrating back-end state")
+ *   stream is malformed or truncated, of no version known here, the state does not validate,
+ *   or the back-end refuses
+ * (vhost-user: "Migration", "Migrating back-end state"; passt `migrate.h`)
  */
 export async function receiveMigration(options: DestinationOptions): Promise<IncomingResult> {
   const stream = options.stream;
   const reader = new SectionReader(stream);
-  let ram: GuestRam | null = null;
-  let fe: VhostUserFrontend | null = null;
-  let pagesReceived = 0;
-  const report = (section: string): void =>
-    options.onProgress?.({ section, pagesReceived, bytesReceived: reader.bytesRead });
+  const c: DestinationContext = {
+    options,
+    stream,
+    reader,
+    ram: null,
+    fe: null,
+    setup: null,
+    features: 0n,
+    offered: 0n,
+    queueNum: null,
+    hello: null,
+    statusNegotiated: false,
+    pagesReceived: 0,
+    touched: new TouchedPages(),
+    vs: null,
+    backendState: null,
+    driverJson: null,
+    guestState: null,
+    memoryVerified: false,
+    queues: [],
+    rarpSent: false,
+    version: 0,
+    report: (section) =>
+      options.onProgress?.({
+        section,
+        pagesReceived: c.pagesReceived,
+        bytesReceived: reader.bytesRead,
+      }),
+  };
+  const table = new StageTable(hostStream, options.streamVersions ?? DESTINATION_VERSIONS);
   try {
-    await reader.header();
-    const first = await reader.next();
-    if (first.type !== SectionType.SETUP) {
-      throw fail("section", SectionType[first.type] ?? first.type, "expected SETUP first");
-    }
-    const setup = checkSetup(parseJson(first));
-    report("SETUP");
-    ram = GuestRam.create({
-      regions: setup.regions,
-      layout: setup.layout,
-      name: "vhostkit-incoming",
+    const r = await runDestinationStages(table, c, reader, {
+      onVersion: (v) => {
+        c.version = v;
+      },
     });
-    fe = await options.connectBackend();
-    const features = u64(setup.features, "SETUP.features");
-    const negotiateOpts: NegotiateOptions = {
-      features,
-      protocolFeatures:
-        options.protocolFeatures ??
-        FRONTEND_PROTOCOL_FEATURES | featureSet(ProtocolFeature.DEVICE_STATE),
-    };
-    const neg = await fe.negotiate(negotiateOpts);
-    const hello: HelloSection = {
-      offeredFeatures: neg.offeredFeatures.toString(),
-      protocolFeatures: fe.protocolFeatures.toString(),
-      deviceState: hasFeature(fe.protocolFeatures, ProtocolFeature.DEVICE_STATE),
-    };
-    await writeAll(stream, encodeJsonSection(SectionType.HELLO, hello));
-    // Features and the memory layout are known now: set them up before the pages arrive, so
-    // that a back-end slow to map guest RAM (DPDK without hugepages walks every page) does it
-    // outside the downtime. The contents do not matter to SET_MEM_TABLE.
-    const logAll = featureMask(VirtioFeature.LOG_ALL);
-    const missing = features & ~(neg.offeredFeatures & ~logAll);
-    if (missing !== 0n) {
-      throw fail("features", `0x${missing.toString(16)}`, "source features not offered here");
-    }
-    await fe.setFeatures(features);
-    const status = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS);
-    if (status) {
-      await fe.setStatus(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK);
-    }
-    await fe.setMemTable(ram, { sync: true });
-
-    let vs: VirtioDeviceState | null = null;
-    let backendState: Uint8Array | null = null;
-    let driverJson: unknown = null;
-    let guestState: Uint8Array | null = null;
-    let memoryVerified = false;
-    const touched = new TouchedPages();
-    for (;;) {
-      const s = await reader.next();
-      if (s.type === SectionType.PAGES) {
-        pagesReceived += applyPages(ram.memory, s.payload, touched).pages;
-        continue;
-      }
-      report(SectionType[s.type] ?? String(s.type));
-      if (s.type === SectionType.ITERATION_END) {
-        // Tell the source this pass is in: it paces its passes (and its stop) on these.
-        if (s.payload.length !== 8) {
-          throw fail("ITERATION_END", s.payload.length, "ITERATION_END must be 8 bytes");
-        }
-        const ack = Buffer.alloc(4);
-        ack.set(s.payload.subarray(0, 4));
-        await writeAll(stream, encodeSection(SectionType.ITERATION_ACK, ack));
-        continue;
-      }
-      if (s.type === SectionType.VIRTIO_STATE) vs = decodeVirtioState(s.payload);
-      else if (s.type === SectionType.BACKEND_STATE) backendState = s.payload;
-      else if (s.type === SectionType.DRIVER_STATE) {
-        driverJson = parseJson(s);
-      } else if (s.type === SectionType.GUEST_STATE) guestState = s.payload;
-      else if (s.type === SectionType.END) {
-        if (s.payload.length !== 33) throw fail("END", s.payload.length, "END must be 33 bytes");
-        if (s.payload[0] === 1) {
-          const got = hashGuestRam(ram);
-          if (!timingSafeEqual(got, Buffer.from(s.payload.subarray(1)))) {
-            throw fail("memoryHash", got.toString("hex"), "guest RAM differs from the source's");
-          }
-          memoryVerified = true;
-        }
-        break;
-      } else {
-        throw new MigrationStreamFormatError("section", s.type, "unknown section type");
-      }
-    }
-    if (vs === null) throw fail("VIRTIO_STATE", "missing", "no virtio state in the stream");
-    if (driverJson === null) {
-      throw fail("DRIVER_STATE", "missing", "no driver state in the stream");
-    }
-
-    // --- check before applying
-    validateVirtioState(vs, {
-      offeredFeatures: neg.offeredFeatures & ~logAll,
-      memory: ram.memory,
-      // MQ's queue count: virtio-net has queue pairs and a control queue; others the count.
-      ...(neg.queueNum !== null
-        ? { maxQueues: vs.deviceId === 1 ? neg.queueNum * 2 + 1 : neg.queueNum }
-        : {}),
-    });
-    if (vs.features !== features) {
-      throw fail("features", `0x${vs.features.toString(16)}`, "virtio state and SETUP disagree");
-    }
-    const driver = checkDriverState(driverJson, vs, ram);
-    const snaps = new Map(driver.queues.map((q) => [q.index, q]));
-    for (const q of vs.queues) {
-      const snap = snaps.get(q.index) as DriverSnapshot;
-      if (!snap.packed && snap.lastUsedIdx !== q.lastAvailIdx) {
-        throw fail(`queue[${q.index}].lastAvailIdx`, q.lastAvailIdx, "driver has not caught up");
-      }
-      if (snap.packed) checkPackedPosition(q, snap);
-    }
-    if (backendState !== null && !hello.deviceState) {
-      throw fail(
-        "BACKEND_STATE",
-        backendState.length,
-        "back-end state sent but DEVICE_STATE not negotiated",
-      );
-    }
-    ram.restoreAllocator(driver.allocator);
-
-    // --- apply: rings (not started), back-end state, then start
-    const queues: FrontendQueue[] = [];
-    for (const q of vs.queues) {
-      const snap = snaps.get(q.index) as DriverSnapshot;
-      // Both formats continue at the source's position: SET_VRING_BASE with the values the
-      // source's GET_VRING_BASE returned (packed: avail idx + wrap, used idx + wrap); the driver
-      // continues over the migrated ring memory (FrontendQueue.restoreSnapshot), so buffers in
-      // flight at the stop are found there by the device.
-      const base: QueueBase = snap.packed
-        ? {
-            availIdx: q.lastAvailIdx,
-            availWrap: q.availWrap ?? true,
-            usedIdx: q.usedIdx,
-            usedWrap: q.usedWrap ?? true,
-          }
-        : { availIdx: q.lastAvailIdx };
-      queues.push(
-        await fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false }),
-      );
-    }
-    await fe.barrier();
-    if (backendState !== null) await loadBackendState(fe, backendState);
-    const pf = hasFeature(fe.features, VirtioFeature.PROTOCOL_FEATURES);
-    for (const q of queues) {
-      if (pf) await fe.setVringEnable(q.index, true);
-      q.forceKick();
-    }
-    if (status) await fe.setStatus(vs.status);
-    let rarpSent = false;
-    if (
-      options.rarp !== "never" &&
-      !hasFeature(vs.features, VirtioFeature.GUEST_ANNOUNCE) &&
-      hasFeature(fe.protocolFeatures, ProtocolFeature.RARP) &&
-      vs.deviceId === 1 &&
-      vs.device.length >= 6
-    ) {
-      await fe.sendRarp(vs.device.subarray(0, 6));
-      rarpSent = true;
-    }
-    await fe.barrier();
-    await writeAll(stream, encodeJsonSection(SectionType.DONE, { ok: true }));
-    stream.end();
-    report("DONE");
     return {
-      frontend: fe,
-      ram,
-      queues,
-      virtioState: vs,
-      guestState,
-      backendStateBytes: backendState?.length ?? 0,
-      pagesReceived,
-      rarpSent,
-      memoryVerified,
+      frontend: c.fe as VhostUserFrontend,
+      ram: c.ram as GuestRam,
+      queues: c.queues,
+      virtioState: c.vs as VirtioDeviceState,
+      guestState: c.guestState,
+      backendStateBytes: c.backendState?.length ?? 0,
+      pagesReceived: c.pagesReceived,
+      rarpSent: c.rarpSent,
+      memoryVerified: c.memoryVerified,
+      streamVersion: r.version,
+      skippedStages: r.skipped,
     };
   } catch (err) {
     const msg = err instanceof Error ? err.message : String(err);
@@ -607,8 +791,8 @@ export async function receiveMigration(options: DestinationOptions): Promise<Inc
       // the source is gone
     }
     stream.destroy();
-    fe?.close();
-    ram?.close();
+    c.fe?.close();
+    c.ram?.close();
     throw err;
   }
 }

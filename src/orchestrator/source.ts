@@ -13,6 +13,7 @@ import type { Duplex } from "node:stream";
 import { VhostUserFrontend, DeviceStatus } from "../frontend/frontend.js";
 import type { FrontendDirtyLog } from "../frontend/migration.js";
 import { saveBackendState, startDirtyLogging, stopDirtyLogging } from "../frontend/migration.js";
+import type { GuestRam } from "../frontend/guest-ram.js";
 import type { DriverSnapshot } from "../frontend/queue.js";
 import { ProtocolFeature, VirtioFeature, featureMask, hasFeature } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
@@ -23,12 +24,16 @@ import type { PageCounters } from "./pages.js";
 import {
   SectionReader,
   SectionType,
-  encodeHeader,
+  StageTable,
   encodeJsonSection,
   encodeSection,
+  hostStream,
+  hostVersions,
   parseJson,
+  runSourceStages,
   writeAll,
 } from "./stream.js";
+import type { HostStage, HostStageError, HostVersion } from "./stream.js";
 import { encodeVirtioState } from "./virtio-state.js";
 import type { VirtioDeviceState } from "./virtio-state.js";
 
@@ -86,6 +91,15 @@ export interface SourceOptions {
   doneTimeoutMs?: number;
   /** close the front-end after switch-over (default true) */
   closeOnSuccess?: boolean;
+  /**
+   * send RESET_DEVICE before closing after switch-over, when negotiated (default false: as
+   * QEMU, the source only stops its rings; RESET_OWNER is never sent)
+   */
+  resetDevice?: boolean;
+  /** the host stream versions this source knows (default {@link SOURCE_VERSIONS}) */
+  streamVersions?: readonly HostVersion<SourceContext>[];
+  /** the version to send (default the newest of `streamVersions`) */
+  streamVersion?: number;
   /** progress callback */
   onProgress?: (p: MigrationProgress) => void;
 }
@@ -94,6 +108,11 @@ export interface SourceOptions {
 export interface MigrationResult {
   /** ms from the stop (rings disabled) to DONE from the destination */
   downtimeMs: number;
+  /**
+   * the downtime per step: each source stage from the stop to DONE (the last, `switchover`,
+   * covers the destination's work), then the destination's own steps within it
+   */
+  downtimeSteps: DowntimeStep[];
   /** ms from the start to DONE */
   totalMs: number;
   /** pre-copy iterations, the final one included */
@@ -152,6 +171,15 @@ export interface SetupSection {
   protocolFeatures: string;
   queues: number[];
   deviceId: number;
+  /** each ring's layout, for the destination to set the rings up during pre-copy */
+  rings?: {
+    index: number;
+    size: number;
+    packed: boolean;
+    desc: number;
+    avail: number;
+    used: number;
+  }[];
 }
 
 /** HELLO contents (JSON). */
@@ -191,15 +219,314 @@ function ringPages(fe: VhostUserFrontend): number[] {
   return out;
 }
 
+/** Everything the source's stages share (one migration's state). */
+export interface SourceContext {
+  options: SourceOptions;
+  fe: VhostUserFrontend;
+  ram: GuestRam;
+  stream: Duplex;
+  counters: PageCounters;
+  progress(phase: MigrationProgress["phase"], iteration: number, dirty: number): void;
+  send(b: Uint8Array): Promise<void>;
+  /** a stream write or a wait that loses the race to an abort (FAIL, hang-up, back-end gone) */
+  guard<T>(p: Promise<T>): Promise<T>;
+  /** as guard, with a timeout naming what was awaited */
+  guardFor<T>(p: Promise<T>, ms: number, what: string): Promise<T>;
+  checkAbort(): void;
+  /** wait until the destination applied every page up to an iteration */
+  caughtUp(iteration: number): Promise<void>;
+  /** resolves with the destination's HELLO */
+  hello: Promise<HelloSection>;
+  /** resolves with the destination's DONE (its own step timings) */
+  done: Promise<DoneSection>;
+  acked: bigint;
+  deviceState: boolean;
+  log: FrontendDirtyLog | null;
+  paused: boolean;
+  iteration: number;
+  bases: Map<number, QueueBase>;
+  enabled: Map<number, boolean>;
+  snapshots: DriverSnapshot[];
+  finalPages: number;
+  backendState: Uint8Array | null;
+  backendSaveMs: number;
+  vsBytes: number;
+  hash: Buffer | null;
+}
+
+/** DONE contents (JSON): the destination's step timings during the downtime. */
+export interface DoneSection {
+  ok: true;
+  /** ms per step on the destination, in order */
+  steps?: DowntimeStep[];
+}
+
+/** One step of the downtime. */
+export interface DowntimeStep {
+  /** `source: <stage>` or `destination: <step>` */
+  step: string;
+  ms: number;
+}
+
+/** setup: send the layout, take the destination's offer (nothing to undo). */
+async function sourceSetup(c: SourceContext): Promise<void> {
+  const ram = c.ram;
+  const setup: SetupSection = {
+    regions: ram.layoutSpec().map((r) => ({ gpa: r.gpa, size: r.size, uaddr: r.uaddr ?? 0 })),
+    layout: ram.layout,
+    features: c.acked.toString(),
+    protocolFeatures: c.fe.protocolFeatures.toString(),
+    queues: [...c.fe.queues.keys()],
+    deviceId: c.options.deviceId ?? 1,
+    rings: [...c.fe.queues.values()].map((q) => ({
+      index: q.index,
+      size: q.size,
+      packed: q.packed,
+      desc: q.ring.desc,
+      avail: q.ring.avail,
+      used: q.ring.used,
+    })),
+  };
+  c.progress("setup", 0, 0);
+  await c.guard(c.send(encodeJsonSection(SectionType.SETUP, setup)));
+  const h = await c.guardFor(c.hello, c.options.helloTimeoutMs ?? 15_000, "HELLO");
+  const missing = c.acked & ~BigInt(h.offeredFeatures);
+  if (missing !== 0n) {
+    throw new VhostUserError("ERR_VHOST_BAD_FIELD", "destination back-end lacks features", {
+      request: "migrate",
+      field: "features",
+      value: `0x${missing.toString(16)}`,
+    });
+  }
+  c.deviceState = h.deviceState && hasFeature(c.fe.protocolFeatures, ProtocolFeature.DEVICE_STATE);
+}
+
+/** precopy: dirty logging on, the bulk pass, then passes until few pages are dirty. */
+async function sourcePrecopy(c: SourceContext): Promise<void> {
+  const { fe, ram, counters } = c;
+  c.log = await startDirtyLogging(fe);
+  const log = c.log;
+  ram.trackDirty(true);
+  c.checkAbort();
+  const maxIter = c.options.maxIterations ?? 30;
+  const stopPages = c.options.stopPages ?? 256;
+  // ORDERING: the log (and the front-end's own dirty set) is fetched and cleared before the
+  // pages of a pass are copied; a write that races the copy sets its bit again and the page
+  // is sent again in the next pass. This is the invariant pre-copy relies on.
+  log.fetchAndClear(() => undefined);
+  ram.takeDirty();
+  c.iteration = 1;
+  c.progress("precopy", 1, ram.size / PAGE_SIZE);
+  await c.guard(sendPages(c.stream, ram.memory, 1, allPages(ram), counters));
+  await c.guard(c.send(iterationEnd(1, counters.pages)));
+  await c.caughtUp(1);
+  for (;;) {
+    // ORDERING: fetch-and-clear before the copy below (see the first pass).
+    const dirty = new Set<number>(ram.takeDirty());
+    log.fetchAndClear((p) => dirty.add(p));
+    if (dirty.size <= stopPages || c.iteration >= maxIter) {
+      // Put them back for the final pass.
+      for (const p of dirty) ram.markDirty(p * PAGE_SIZE, 1);
+      break;
+    }
+    c.iteration++;
+    c.progress("precopy", c.iteration, dirty.size);
+    const before = counters.pages;
+    const pages = [...dirty].sort((a, b) => a - b);
+    await c.guard(sendPages(c.stream, ram.memory, c.iteration, pages, counters));
+    await c.guard(c.send(iterationEnd(c.iteration, counters.pages - before)));
+    // Pace on the destination: the next dirty set is taken once this pass is applied there
+    // (the guest and the back-ends run meanwhile).
+    await c.caughtUp(c.iteration);
+  }
+}
+
+/** precopy undone: dirty logging off, the log released. */
+async function rollbackPrecopy(c: SourceContext): Promise<void> {
+  try {
+    if (c.log !== null || hasFeature(c.fe.features, VirtioFeature.LOG_ALL)) {
+      await stopDirtyLogging(c.fe, c.log);
+      c.log = null;
+    }
+  } finally {
+    c.log?.close();
+    c.log = null;
+    c.ram.trackDirty(false);
+  }
+}
+
+/** stop: the guest pauses, every ring stops (GET_VRING_BASE), the driver collects its used. */
+async function sourceStop(c: SourceContext): Promise<void> {
+  const fe = c.fe;
+  c.progress("stop", c.iteration + 1, 0);
+  for (const [index, q] of fe.queues) c.enabled.set(index, q.enabled);
+  if (c.options.guest) await c.options.guest.pause();
+  c.paused = true;
+  for (const index of fe.queues.keys()) c.bases.set(index, await fe.stopQueue(index));
+  c.checkAbort();
+  for (const [index, q] of fe.queues) {
+    q.collectUsed();
+    const b = c.bases.get(index) as QueueBase;
+    if (!q.packed && q.lastUsedIdx !== b.availIdx) {
+      throw new VhostUserError("ERR_VHOST_BAD_FIELD", "buffers still in flight in the back-end", {
+        request: "GET_VRING_BASE",
+        field: `queue[${index}].lastAvailIdx`,
+        value: `${b.availIdx} (driver used idx ${q.lastUsedIdx ?? "?"})`,
+      });
+    }
+    c.snapshots.push(q.snapshot());
+  }
+}
+
+/** stop undone: the rings restart from their bases, the guest resumes. */
+async function rollbackStop(c: SourceContext): Promise<void> {
+  const fe = c.fe;
+  try {
+    for (const [index, q] of fe.queues) {
+      if (q.stopped) await fe.restartQueue(index, c.bases.get(index) ?? undefined, false);
+      else if (c.paused && hasFeature(fe.features, VirtioFeature.PROTOCOL_FEATURES)) {
+        // SET_VRING_ENABLE 0 may have gone out before GET_VRING_BASE failed.
+        await fe.setVringEnable(index, true);
+      }
+    }
+  } finally {
+    if (c.paused) c.options.guest?.resume();
+    c.paused = false;
+  }
+}
+
+/** final pages: the last dirty pages and the ring pages, with the back-end stopped. */
+async function sourceFinalPages(c: SourceContext): Promise<void> {
+  const { fe, ram, counters } = c;
+  const log = c.log as FrontendDirtyLog;
+  // ORDERING: the rings are stopped (GET_VRING_BASE answered): the back-end writes no more,
+  // so this last fetch-and-clear sees every write, and the copy below is final.
+  const finalSet = new Set<number>(ram.takeDirty());
+  log.fetchAndClear((p) => finalSet.add(p));
+  for (const p of ringPages(fe)) finalSet.add(p);
+  const before = counters.pages;
+  c.iteration++;
+  const pages = [...finalSet].sort((a, b) => a - b);
+  await c.guard(sendPages(c.stream, ram.memory, c.iteration, pages, counters));
+  c.finalPages = counters.pages - before;
+  await c.guard(c.send(iterationEnd(c.iteration, c.finalPages)));
+}
+
+/** virtio state: the device's layers (seed 001's save order), from the stopped rings. */
+async function sourceVirtioState(c: SourceContext): Promise<void> {
+  const fe = c.fe;
+  const status = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS)
+    ? await fe.getStatus()
+    : DeviceStatus.ACKNOWLEDGE |
+      DeviceStatus.DRIVER |
+      DeviceStatus.FEATURES_OK |
+      DeviceStatus.DRIVER_OK;
+  const configSize = c.options.configSize ?? 0;
+  const config =
+    configSize > 0 && hasFeature(fe.protocolFeatures, ProtocolFeature.CONFIG)
+      ? await fe.getConfig(0, configSize)
+      : new Uint8Array(0);
+  c.checkAbort();
+  const vs: VirtioDeviceState = {
+    status,
+    features: c.acked,
+    config,
+    protocolFeatures: fe.protocolFeatures,
+    queues: [...fe.queues.values()].map((q) => {
+      const b = c.bases.get(q.index) as QueueBase;
+      return {
+        index: q.index,
+        size: q.size,
+        desc: q.ring.desc,
+        avail: q.ring.avail,
+        used: q.ring.used,
+        lastAvailIdx: b.availIdx,
+        usedIdx: q.packed ? (b.usedIdx ?? b.availIdx) : (q.lastUsedIdx ?? b.availIdx),
+        enabled: c.enabled.get(q.index) ?? true,
+        availWrap: b.availWrap ?? true,
+        usedWrap: b.usedWrap ?? true,
+      };
+    }),
+    deviceId: c.options.deviceId ?? 1,
+    device: c.options.deviceFields ?? new Uint8Array(0),
+  };
+  const bytes = encodeVirtioState(vs);
+  c.vsBytes = bytes.length;
+  await c.guard(c.send(encodeSection(SectionType.VIRTIO_STATE, bytes)));
+}
+
+/** backend state: SET_DEVICE_STATE_FD SAVE + CHECK_DEVICE_STATE, when both offer it. */
+async function sourceBackendState(c: SourceContext): Promise<void> {
+  if (!c.deviceState) return;
+  const ts = performance.now();
+  c.backendState = await saveBackendState(c.fe);
+  c.backendSaveMs = performance.now() - ts;
+  c.checkAbort();
+  await c.guard(c.send(encodeSection(SectionType.BACKEND_STATE, c.backendState)));
+}
+
+/** driver state: the driver side of each ring and the allocator. */
+async function sourceDriverState(c: SourceContext): Promise<void> {
+  const j = { queues: c.snapshots, allocator: c.ram.allocatorState() };
+  await c.guard(c.send(encodeJsonSection(SectionType.DRIVER_STATE, j)));
+}
+
+/** guest state: the guest's own state, when it has one. */
+async function sourceGuestState(c: SourceContext): Promise<void> {
+  const gs = c.options.guest?.saveState?.();
+  if (gs !== undefined) await c.guard(c.send(encodeSection(SectionType.GUEST_STATE, gs)));
+}
+
+/** switchover: END (with the RAM hash when asked), then wait until the destination runs. */
+async function sourceSwitchover(c: SourceContext): Promise<void> {
+  c.hash = c.options.verifyMemory ? hashGuestRam(c.ram) : null;
+  const end = Buffer.alloc(33);
+  if (c.hash) {
+    end.writeUInt8(1, 0);
+    c.hash.copy(end, 1);
+  }
+  c.progress("switchover", c.iteration, 0);
+  await c.guard(c.send(encodeSection(SectionType.END, end)));
+  await c.guardFor(c.done, c.options.doneTimeoutMs ?? 20_000, "DONE");
+}
+
+/** The source's stage functions, by the names of HOST_STREAM_STAGES. */
+const SOURCE_STAGES: Readonly<Record<string, Omit<HostStage<SourceContext>, "name">>> = {
+  setup: { run: sourceSetup },
+  precopy: { run: sourcePrecopy, rollback: rollbackPrecopy },
+  stop: { run: sourceStop, rollback: rollbackStop },
+  "final pages": { run: sourceFinalPages },
+  "virtio state": { run: sourceVirtioState },
+  "backend state": { run: sourceBackendState },
+  "driver state": { run: sourceDriverState },
+  "guest state": { run: sourceGuestState },
+  switchover: { run: sourceSwitchover },
+};
+
+/** The source's host stream versions (see HOST_STREAM_STAGES). */
+export const SOURCE_VERSIONS: readonly HostVersion<SourceContext>[] = hostVersions(SOURCE_STAGES);
+
+/** The stages during which the source is stopped (the downtime), in order. */
+const DOWNTIME_STAGES = new Set([
+  "stop",
+  "final pages",
+  "virtio state",
+  "backend state",
+  "driver state",
+  "guest state",
+  "switchover",
+]);
+
 /**
  * Migrate the device held by a front-end to a destination listening for the stream (see
- * {@link receiveMigration}).
+ * {@link receiveMigration}): the stages of the host stream's newest version, in order
+ * (HOST_STREAM_STAGES), each rolled back when a later one fails.
  * @param options the front-end, the connection, the guest, limits, callbacks
  * @returns the figures of the migration; the front-end is closed (unless `closeOnSuccess` is
  *   false) and the destination runs the device
  * @throws MigrationError when anything fails before switch-over; the source then runs as before
  *   (`sourceResumed`)
- * (vhost-user: "Migration", "Migrating back-end state")
+ * (vhost-user: "Migration", "Migrating back-end state"; passt `migrate.h`)
  */
 export async function migrateSource(options: SourceOptions): Promise<MigrationResult> {
   const fe = options.frontend;
@@ -210,34 +537,15 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
   }
   const stream = options.stream;
   const reader = new SectionReader(stream);
-  const maxIter = options.maxIterations ?? 30;
-  const stopPages = options.stopPages ?? 256;
   const counters: PageCounters = { pages: 0, zeroPages: 0, bytes: 0 };
-  const progress = (phase: MigrationProgress["phase"], iteration: number, dirty: number): void =>
-    options.onProgress?.({
-      phase,
-      iteration,
-      pagesSent: counters.pages,
-      dirtyPages: dirty,
-      bytesSent: counters.bytes,
-    });
   const t0 = performance.now();
-  let phase = "setup";
-  let log: FrontendDirtyLog | null = null;
-  let paused = false;
-  let tStop = 0;
-  const bases = new Map<number, QueueBase>();
   let bytesSent = 0;
-  const send = async (b: Uint8Array): Promise<void> => {
-    bytesSent += b.length;
-    await writeAll(stream, b);
-  };
   // Read the destination's answers in the background: a FAIL or a hang-up aborts the source.
   let abort: Error | null = null;
   let onAbort: ((e: Error) => void) | null = null;
   const waiters: {
     hello: ((h: HelloSection) => void) | null;
-    done: (() => void) | null;
+    done: ((d: DoneSection) => void) | null;
     acked: number;
     ack: (() => void) | null;
   } = { hello: null, done: null, acked: 0, ack: null };
@@ -245,6 +553,12 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     if (abort === null) abort = e;
     onAbort?.(e);
   };
+  const hello = new Promise<HelloSection>((resolve) => {
+    waiters.hello = resolve;
+  });
+  const done = new Promise<DoneSection>((resolve) => {
+    waiters.done = resolve;
+  });
   void (async () => {
     try {
       for (;;) {
@@ -254,7 +568,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
           waiters.acked = Buffer.from(s.payload).readUInt32BE(0);
           waiters.ack?.();
         } else if (s.type === SectionType.DONE) {
-          waiters.done?.();
+          waiters.done?.(checkDone(parseJson(s)));
           return;
         } else if (s.type === SectionType.FAIL) {
           const j = parseJson(s);
@@ -280,25 +594,6 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
   // last log fetch are lost to the log, so no later pass could be complete.
   const onBackendClose = (): void => fail(new Error("the source back-end disconnected"));
   fe.once("close", onBackendClose);
-  // Only stream I/O and waits for the destination race the abort: a front-end request
-  // (dirty logging, GET_VRING_BASE, the back-end state) always runs to its end (each has its
-  // own request timeout), so that the rollback sees what it did; `checkAbort` follows it.
-  const guard = <T>(p: Promise<T>): Promise<T> => Promise.race([p, aborted]);
-  const checkAbort = (): void => {
-    if (abort !== null) throw abort;
-  };
-  /** Wait until the destination applied every page up to `iteration`. */
-  const caughtUp = async (iteration: number): Promise<void> => {
-    while (waiters.acked < iteration) {
-      await guardFor(
-        new Promise<void>((resolve) => {
-          waiters.ack = resolve;
-        }),
-        options.helloTimeoutMs ?? 15_000,
-        `ITERATION_ACK ${iteration}`,
-      );
-    }
-  };
   const guardFor = <T>(p: Promise<T>, ms: number, what: string): Promise<T> => {
     let t: NodeJS.Timeout | null = null;
     const timer = new Promise<never>((_resolve, reject) => {
@@ -318,251 +613,130 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       if (t) clearTimeout(t);
     });
   };
-  try {
-    // --- setup: header, layout, and the destination's offer
-    const hello = new Promise<HelloSection>((resolve) => {
-      waiters.hello = resolve;
-    });
-    const acked = (fe.ackedFeatures ?? fe.features) & ~LOG_ALL;
-    const setup: SetupSection = {
-      regions: ram.layoutSpec().map((r) => ({ gpa: r.gpa, size: r.size, uaddr: r.uaddr ?? 0 })),
-      layout: ram.layout,
-      features: acked.toString(),
-      protocolFeatures: fe.protocolFeatures.toString(),
-      queues: [...fe.queues.keys()],
-      deviceId: options.deviceId ?? 1,
-    };
-    progress("setup", 0, 0);
-    await guard(send(encodeHeader()));
-    await guard(send(encodeJsonSection(SectionType.SETUP, setup)));
-    const h = await guardFor(hello, options.helloTimeoutMs ?? 15_000, "HELLO");
-    const destOffered = BigInt(h.offeredFeatures);
-    const missing = acked & ~destOffered;
-    if (missing !== 0n) {
-      throw new VhostUserError("ERR_VHOST_BAD_FIELD", "destination back-end lacks features", {
-        request: "migrate",
-        field: "features",
-        value: `0x${missing.toString(16)}`,
-      });
-    }
-    const deviceState =
-      h.deviceState && hasFeature(fe.protocolFeatures, ProtocolFeature.DEVICE_STATE);
-
-    // --- pre-copy
-    phase = "dirty logging";
-    log = await startDirtyLogging(fe);
-    ram.trackDirty(true);
-    checkAbort();
-    phase = "precopy";
-    // ORDERING: the log (and the front-end's own dirty set) is fetched and cleared before the
-    // pages of a pass are copied; a write that races the copy sets its bit again and the page
-    // is sent again in the next pass. This is the invariant pre-copy relies on.
-    log.fetchAndClear(() => undefined);
-    ram.takeDirty();
-    let iteration = 1;
-    progress("precopy", 1, ram.size / PAGE_SIZE);
-    await guard(sendPages(stream, ram.memory, 1, allPages(ram), counters));
-    await guard(send(iterationEnd(1, counters.pages)));
-    await caughtUp(1);
-    for (;;) {
-      // ORDERING: fetch-and-clear before the copy below (see the first pass).
-      const dirty = new Set<number>(ram.takeDirty());
-      log.fetchAndClear((p) => dirty.add(p));
-      if (dirty.size <= stopPages || iteration >= maxIter) {
-        // Put them back for the final pass.
-        for (const p of dirty) ram.markDirty(p * PAGE_SIZE, 1);
-        break;
-      }
-      iteration++;
-      progress("precopy", iteration, dirty.size);
-      const before = counters.pages;
-      await guard(
-        sendPages(
-          stream,
-          ram.memory,
-          iteration,
-          [...dirty].sort((a, b) => a - b),
-          counters,
-        ),
-      );
-      await guard(send(iterationEnd(iteration, counters.pages - before)));
-      // Pace on the destination: the next dirty set is taken once this pass is applied there
-      // (the guest and the back-ends run meanwhile).
-      await caughtUp(iteration);
-    }
-
-    // --- stop and copy
-    phase = "stop";
-    tStop = performance.now();
-    progress("stop", iteration + 1, 0);
-    if (options.guest) {
-      await options.guest.pause();
-    }
-    paused = true;
-    for (const index of fe.queues.keys()) bases.set(index, await fe.stopQueue(index));
-    checkAbort();
-    const snapshots: DriverSnapshot[] = [];
-    for (const [index, q] of fe.queues) {
-      q.collectUsed();
-      const b = bases.get(index) as QueueBase;
-      if (!q.packed && q.lastUsedIdx !== b.availIdx) {
-        throw new VhostUserError("ERR_VHOST_BAD_FIELD", "buffers still in flight in the back-end", {
-          request: "GET_VRING_BASE",
-          field: `queue[${index}].lastAvailIdx`,
-          value: `${b.availIdx} (driver used idx ${q.lastUsedIdx ?? "?"})`,
-        });
-      }
-      snapshots.push(q.snapshot());
-    }
-    // ORDERING: the rings are stopped (GET_VRING_BASE answered): the back-end writes no more,
-    // so this last fetch-and-clear sees every write, and the copy below is final.
-    const finalSet = new Set<number>(ram.takeDirty());
-    log.fetchAndClear((p) => finalSet.add(p));
-    for (const p of ringPages(fe)) finalSet.add(p);
-    const finalBefore = counters.pages;
-    iteration++;
-    await guard(
-      sendPages(
-        stream,
-        ram.memory,
+  const ctx: SourceContext = {
+    options,
+    fe,
+    ram,
+    stream,
+    counters,
+    progress: (phase, iteration, dirty) =>
+      options.onProgress?.({
+        phase,
         iteration,
-        [...finalSet].sort((a, b) => a - b),
-        counters,
-      ),
-    );
-    const finalPages = counters.pages - finalBefore;
-    await guard(send(iterationEnd(iteration, finalPages)));
-
-    // back-end state (SET_DEVICE_STATE_FD SAVE + CHECK_DEVICE_STATE)
-    phase = "backend state";
-    let backendState: Uint8Array | null = null;
-    let backendSaveMs = 0;
-    if (deviceState) {
-      const ts = performance.now();
-      backendState = await saveBackendState(fe);
-      backendSaveMs = performance.now() - ts;
-      checkAbort();
-      await guard(send(encodeSection(SectionType.BACKEND_STATE, backendState)));
-    }
-
-    // virtio device state
-    phase = "virtio state";
-    const status = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS)
-      ? await fe.getStatus()
-      : DeviceStatus.ACKNOWLEDGE |
-        DeviceStatus.DRIVER |
-        DeviceStatus.FEATURES_OK |
-        DeviceStatus.DRIVER_OK;
-    const configSize = options.configSize ?? 0;
-    const config =
-      configSize > 0 && hasFeature(fe.protocolFeatures, ProtocolFeature.CONFIG)
-        ? await fe.getConfig(0, configSize)
-        : new Uint8Array(0);
-    checkAbort();
-    const vs: VirtioDeviceState = {
-      status,
-      features: acked,
-      config,
-      protocolFeatures: fe.protocolFeatures,
-      queues: [...fe.queues.values()].map((q) => {
-        const b = bases.get(q.index) as QueueBase;
-        return {
-          index: q.index,
-          size: q.size,
-          desc: q.ring.desc,
-          avail: q.ring.avail,
-          used: q.ring.used,
-          lastAvailIdx: b.availIdx,
-          usedIdx: q.packed ? (b.usedIdx ?? b.availIdx) : (q.lastUsedIdx ?? b.availIdx),
-          enabled: true,
-          availWrap: b.availWrap ?? true,
-          usedWrap: b.usedWrap ?? true,
-        };
+        pagesSent: counters.pages,
+        dirtyPages: dirty,
+        bytesSent: counters.bytes,
       }),
-      deviceId: options.deviceId ?? 1,
-      device: options.deviceFields ?? new Uint8Array(0),
-    };
-    const vsBytes = encodeVirtioState(vs);
-    await guard(send(encodeSection(SectionType.VIRTIO_STATE, vsBytes)));
-    await guard(
-      send(
-        encodeJsonSection(SectionType.DRIVER_STATE, {
-          queues: snapshots,
-          allocator: ram.allocatorState(),
-        }),
-      ),
-    );
-    const gs = options.guest?.saveState?.();
-    if (gs !== undefined) await guard(send(encodeSection(SectionType.GUEST_STATE, gs)));
-    const hash = options.verifyMemory ? hashGuestRam(ram) : null;
-    const end = Buffer.alloc(33);
-    if (hash) {
-      end.writeUInt8(1, 0);
-      hash.copy(end, 1);
-    }
-    phase = "switchover";
-    progress("switchover", iteration, 0);
-    const done = new Promise<void>((resolve) => {
-      waiters.done = resolve;
+    send: async (b) => {
+      bytesSent += b.length;
+      await writeAll(stream, b);
+    },
+    // Only stream I/O and waits for the destination race the abort: a front-end request
+    // (dirty logging, GET_VRING_BASE, the back-end state) always runs to its end (each has its
+    // own request timeout), so that the rollback sees what it did; `checkAbort` follows it.
+    guard: (p) => Promise.race([p, aborted]),
+    guardFor,
+    checkAbort: () => {
+      if (abort !== null) throw abort;
+    },
+    caughtUp: async (iteration) => {
+      while (waiters.acked < iteration) {
+        await guardFor(
+          new Promise<void>((resolve) => {
+            waiters.ack = resolve;
+          }),
+          options.helloTimeoutMs ?? 15_000,
+          `ITERATION_ACK ${iteration}`,
+        );
+      }
+    },
+    hello,
+    done,
+    acked: (fe.ackedFeatures ?? fe.features) & ~LOG_ALL,
+    deviceState: false,
+    log: null,
+    paused: false,
+    iteration: 0,
+    bases: new Map(),
+    enabled: new Map(),
+    snapshots: [],
+    finalPages: 0,
+    backendState: null,
+    backendSaveMs: 0,
+    vsBytes: 0,
+    hash: null,
+  };
+  const table = new StageTable(hostStream, options.streamVersions ?? SOURCE_VERSIONS);
+  const stageStart = new Map<string, number>();
+  let tStop = 0;
+  try {
+    await runSourceStages(table, ctx, ctx.send, {
+      ...(options.streamVersion !== undefined ? { version: options.streamVersion } : {}),
+      onStage: (name) => {
+        const now = performance.now();
+        stageStart.set(name, now);
+        if (tStop === 0 && DOWNTIME_STAGES.has(name)) tStop = now;
+      },
+      // The destination learns of the failure first: it releases what it holds meanwhile.
+      beforeRollback: () => {
+        fe.off("close", onBackendClose);
+        ctx.progress("failed", 0, 0);
+        stream.destroy();
+      },
     });
-    await guard(send(encodeSection(SectionType.END, end)));
-    await guardFor(done, options.doneTimeoutMs ?? 20_000, "DONE");
-    const tDone = performance.now();
-    fe.off("close", onBackendClose);
-
-    // --- switch-over happened: the destination runs the device.
-    ram.trackDirty(false);
-    log.close();
-    log = null;
-    stream.end();
-    if (options.closeOnSuccess !== false) {
-      // The rings are stopped; the source sends nothing more (no RESET_OWNER, which some
-      // back-ends do not handle) and hangs up, as QEMU does when the VM is gone.
-      fe.close();
-    }
-    progress("done", iteration, 0);
-    return {
-      downtimeMs: tDone - tStop,
-      totalMs: tDone - t0,
-      iterations: iteration,
-      pagesSent: counters.pages,
-      zeroPages: counters.zeroPages,
-      finalPages,
-      virtioStateBytes: vsBytes.length,
-      backendStateBytes: backendState?.length ?? 0,
-      backendSaveMs,
-      bytesSent: bytesSent + counters.bytes,
-      deviceStateTransferred: backendState !== null,
-      memoryHash: hash?.toString("hex") ?? null,
-    };
   } catch (err) {
-    fe.off("close", onBackendClose);
-    progress("failed", 0, 0);
-    stream.destroy();
-    let resumed = true;
-    try {
-      for (const [index, q] of fe.queues) {
-        if (q.stopped) await fe.restartQueue(index, bases.get(index) ?? undefined, false);
-        else if (paused && hasFeature(fe.features, VirtioFeature.PROTOCOL_FEATURES)) {
-          // SET_VRING_ENABLE 0 may have gone out before GET_VRING_BASE failed.
-          await fe.setVringEnable(index, true);
-        }
-      }
-      if (log !== null || hasFeature(fe.features, VirtioFeature.LOG_ALL)) {
-        await stopDirtyLogging(fe, log);
-        log = null;
-      }
-    } catch {
-      resumed = false;
-    } finally {
-      log?.close();
-      ram.trackDirty(false);
-      if (paused) options.guest?.resume();
-    }
+    const e = err as HostStageError;
     // Nothing resumes without a back-end (it disconnected, or the rollback closed it).
-    if (fe.closed) resumed = false;
-    throw new MigrationError(phase, err, resumed);
+    throw new MigrationError(e.stage, e.cause, e.rolledBack && !fe.closed);
   }
+  const tDone = performance.now();
+  fe.off("close", onBackendClose);
+
+  // --- switch-over happened: the destination runs the device.
+  ram.trackDirty(false);
+  ctx.log?.close();
+  ctx.log = null;
+  stream.end();
+  if (options.closeOnSuccess !== false) {
+    // QEMU stops the rings and keeps the connection until the VM goes: no RESET_OWNER after
+    // switch-over; RESET_DEVICE only when negotiated and asked for.
+    if (
+      options.resetDevice === true &&
+      hasFeature(fe.protocolFeatures, ProtocolFeature.RESET_DEVICE)
+    ) {
+      try {
+        await fe.resetDevice();
+      } catch {
+        // the back-end may already be gone: nothing left to release there
+      }
+    }
+    fe.close();
+  }
+  ctx.progress("done", ctx.iteration, 0);
+  const steps: DowntimeStep[] = [];
+  const names = [...stageStart.keys()].filter((n) => DOWNTIME_STAGES.has(n));
+  names.forEach((n, i) => {
+    const next = names[i + 1];
+    const end = next !== undefined ? (stageStart.get(next) as number) : tDone;
+    steps.push({ step: `source: ${n}`, ms: end - (stageStart.get(n) as number) });
+  });
+  const d = await done;
+  for (const s of d.steps ?? []) steps.push({ step: `destination: ${s.step}`, ms: s.ms });
+  return {
+    downtimeMs: tDone - tStop,
+    downtimeSteps: steps,
+    totalMs: tDone - t0,
+    iterations: ctx.iteration,
+    pagesSent: counters.pages,
+    zeroPages: counters.zeroPages,
+    finalPages: ctx.finalPages,
+    virtioStateBytes: ctx.vsBytes,
+    backendStateBytes: ctx.backendState?.length ?? 0,
+    backendSaveMs: ctx.backendSaveMs,
+    bytesSent: bytesSent + counters.bytes,
+    deviceStateTransferred: ctx.backendState !== null,
+    memoryHash: ctx.hash?.toString("hex") ?? null,
+  };
 }
 
 function bad(field: string, value: unknown, what: string): VhostUserError {
@@ -598,6 +772,24 @@ function checkHello(v: unknown): HelloSection {
     protocolFeatures: h.protocolFeatures,
     deviceState: h.deviceState,
   };
+}
+
+/**
+ * Check the destination's DONE.
+ * @param v the parsed JSON
+ * @returns the section (steps dropped when malformed: they are only reported)
+ */
+function checkDone(v: unknown): DoneSection {
+  const steps: DowntimeStep[] = [];
+  if (typeof v === "object" && v !== null && Array.isArray((v as { steps?: unknown }).steps)) {
+    for (const x of (v as { steps: unknown[] }).steps) {
+      const o = x as { step?: unknown; ms?: unknown };
+      if (typeof o?.step === "string" && typeof o.ms === "number") {
+        steps.push({ step: o.step.slice(0, 64), ms: o.ms });
+      }
+    }
+  }
+  return { ok: true, steps };
 }
 
 function iterationEnd(iteration: number, pages: number): Buffer {

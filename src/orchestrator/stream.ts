@@ -1,25 +1,26 @@
 /**
- * The migration stream between the source and the destination front-end (TCP or a Unix
- * socket): a 16-byte versioned header, then sections, each length-prefixed and checksummed.
- *
- * Header (network byte order): u32 magic 0x56484b4d ("VHKM"), u16 version, u16 compat_version
- * (the oldest version a reader must understand to load this stream), u64 reserved (0).
+ * The host stream between the source and the destination front-end (TCP or a Unix socket):
+ * the 16-byte header of every staged stream ({@link hostStream}: u64 magic "VHKMHOST", u32
+ * version, u32 compat_version; src/migration/staged.ts), then the stages of the source's
+ * version, each opened by a STAGE section naming it and made of sections, each
+ * length-prefixed and checksummed.
  *
  * Section: u8 type, u8 flags (0), u16 reserved (0), u32 payload length, the payload, then u32
  * CRC-32 (zlib polynomial) of the 8 header bytes and the payload. Sections from the source are
  * {@link SectionType} values below 0x80; the destination answers on the same connection with
- * types from 0x80 (HELLO, DONE, FAIL) and no header.
+ * types from 0x80 (HELLO, DONE, FAIL, ITERATION_ACK) and no header.
+ *
+ * The receiver picks the newest version it knows within the source's
+ * [compat_version, version]; the sections of a stage its version does not know are skipped
+ * (passt `migrate.h`: versioned stages).
  */
 import type { Duplex } from "node:stream";
-import { crc32 } from "../migration/state-codec.js";
+import { StageTable, decodeStreamHeader, hostStream } from "../migration/staged.js";
+import type { StagedVersion, StreamHeader } from "../migration/staged.js";
+import { MigrationStreamError, crc32 } from "../migration/state-codec.js";
 import { VhostUserError } from "../protocol/errors.js";
 
-/** "VHKM" */
-export const STREAM_MAGIC = 0x56484b4d;
-/** version this code writes */
-export const STREAM_VERSION = 1;
-/** oldest version this code reads */
-export const STREAM_COMPAT_VERSION = 1;
+export { hostStream };
 /** header bytes */
 export const STREAM_HEADER_SIZE = 16;
 /** largest section payload accepted (the back-end state blob is the largest) */
@@ -45,6 +46,8 @@ export enum SectionType {
   GUEST_STATE = 0x07,
   /** end of stream: u8 hash present, then a 32-byte SHA-256 of guest RAM */
   END = 0x0f,
+  /** UTF-8 stage name: the sections up to the next STAGE are that stage's */
+  STAGE = 0x10,
   /** JSON: destination back-end's offer (destination → source) */
   HELLO = 0x81,
   /** JSON: the destination runs (destination → source); switch-over */
@@ -78,57 +81,6 @@ export class MigrationStreamFormatError extends VhostUserError {
       fatal: true,
     });
   }
-}
-
-/**
- * Encode the stream header.
- * @param version version written (default {@link STREAM_VERSION})
- * @param compat oldest version a reader needs (default {@link STREAM_COMPAT_VERSION})
- * @returns 16 bytes
- */
-export function encodeHeader(version = STREAM_VERSION, compat = STREAM_COMPAT_VERSION): Buffer {
-  const b = Buffer.alloc(STREAM_HEADER_SIZE);
-  b.writeUInt32BE(STREAM_MAGIC, 0);
-  b.writeUInt16BE(version, 4);
-  b.writeUInt16BE(compat, 6);
-  return b;
-}
-
-/**
- * Check a stream header.
- * @param b 16 bytes
- * @returns the version the stream was written with
- * @throws MigrationStreamFormatError for a wrong magic, a version range this code cannot read or
- *   a non-zero reserved field
- */
-export function decodeHeader(b: Uint8Array): number {
-  const v = Buffer.from(b.buffer, b.byteOffset, b.length);
-  const magic = v.readUInt32BE(0);
-  if (magic !== STREAM_MAGIC) {
-    throw new MigrationStreamFormatError(
-      "magic",
-      `0x${magic.toString(16)}`,
-      "not a migration stream",
-    );
-  }
-  const version = v.readUInt16BE(4);
-  const compat = v.readUInt16BE(6);
-  if (compat > STREAM_VERSION || version < STREAM_COMPAT_VERSION || compat > version) {
-    throw new MigrationStreamFormatError(
-      "version",
-      `${version} (compat ${compat})`,
-      `stream versions [${compat}, ${version}] do not meet this reader's [${STREAM_COMPAT_VERSION}, ${STREAM_VERSION}]`,
-    );
-  }
-  const reserved = v.readBigUInt64BE(8);
-  if (reserved !== 0n) {
-    throw new MigrationStreamFormatError(
-      "reserved",
-      `0x${reserved.toString(16)}`,
-      "header reserved field must be 0",
-    );
-  }
-  return version;
 }
 
 /**
@@ -196,8 +148,11 @@ export class SectionReader {
   #ended = false;
   #error: Error | null = null;
   #wake: (() => void) | null = null;
+  #peeked: Section | null = null;
   /** bytes consumed so far */
   bytesRead = 0;
+  /** the stage being read (named in truncation errors) */
+  stage = "header";
 
   /**
    * @param stream the connection (data is taken from now on)
@@ -245,7 +200,7 @@ export class SectionReader {
         throw new MigrationStreamFormatError(
           what,
           `${this.#have} of ${n} bytes`,
-          "stream truncated (peer closed)",
+          `stream truncated (peer closed) in stage "${this.stage}"`,
         );
       }
       await new Promise<void>((resolve) => {
@@ -281,10 +236,46 @@ export class SectionReader {
 
   /**
    * Read and check the header.
-   * @returns the stream version
+   * @returns the sender's version and compat_version
+   * @throws MigrationStreamError BAD_MAGIC, BAD_HEADER; MigrationStreamFormatError when
+   *   truncated
    */
-  async header(): Promise<number> {
-    return decodeHeader(await this.#need(STREAM_HEADER_SIZE, "header"));
+  async header(): Promise<StreamHeader> {
+    return decodeStreamHeader(hostStream, await this.#need(STREAM_HEADER_SIZE, "header"));
+  }
+
+  /**
+   * The next section of the current stage, or null (without consuming it) when the next
+   * section opens a new stage.
+   * @returns the section or null
+   * @throws as {@link next}
+   */
+  async nextInStage(): Promise<Section | null> {
+    const s = this.#peeked ?? (await this.next());
+    if (s.type === SectionType.STAGE) {
+      this.#peeked = s;
+      return null;
+    }
+    this.#peeked = null;
+    return s;
+  }
+
+  /**
+   * Read the STAGE section that opens the next stage.
+   * @returns the stage name
+   * @throws MigrationStreamFormatError when the next section is not a STAGE section
+   */
+  async stageName(): Promise<string> {
+    const s = this.#peeked ?? (await this.next());
+    this.#peeked = null;
+    if (s.type !== SectionType.STAGE) {
+      throw new MigrationStreamFormatError(
+        "section",
+        SectionType[s.type] ?? s.type,
+        `expected a STAGE section after stage "${this.stage}"`,
+      );
+    }
+    return Buffer.from(s.payload).toString("utf8");
   }
 
   /**
@@ -294,6 +285,11 @@ export class SectionReader {
    *   flags or reserved bytes, or a bad CRC
    */
   async next(): Promise<Section> {
+    if (this.#peeked !== null) {
+      const p = this.#peeked;
+      this.#peeked = null;
+      return p;
+    }
     const h = await this.#need(8, "section header");
     const type = h.readUInt8(0) as SectionType;
     const name = SectionType[type] ?? String(type);
@@ -355,3 +351,214 @@ export function writeAll(stream: Duplex, data: Uint8Array): Promise<void> {
     stream.on("error", onError);
   });
 }
+
+/**
+ * One stage of the host stream on one side: what it does, and (source side) how to undo it
+ * when a later stage fails.
+ * @typeParam Ctx the side's migration context
+ */
+export interface HostStage<Ctx> {
+  /** stage name, as in the STAGE section */
+  readonly name: string;
+  /**
+   * Source: write the stage's sections (after its STAGE section). Destination: read them with
+   * {@link SectionReader.nextInStage} until it returns null, or a known number of them.
+   * @param ctx the migration context
+   */
+  run(ctx: Ctx): Promise<void>;
+  /**
+   * Undo what `run` did (source: resume the device as it was). Runs for the failed stage and
+   * every stage before it, latest first.
+   * @param ctx the migration context
+   */
+  rollback?(ctx: Ctx): Promise<void>;
+}
+
+/** A version of the host stream on one side: its ordered stages. */
+export type HostVersion<Ctx> = StagedVersion<HostStage<Ctx>>;
+
+/** The names of the stages of each host stream version, shared by both sides. */
+export const HOST_STREAM_STAGES: Readonly<Record<number, readonly string[]>> = Object.freeze({
+  1: Object.freeze([
+    "setup",
+    "precopy",
+    "stop",
+    "final pages",
+    "virtio state",
+    "backend state",
+    "driver state",
+    "guest state",
+    "switchover",
+  ]),
+});
+
+/**
+ * Build one side's host stream versions from its stage functions, by the names of
+ * {@link HOST_STREAM_STAGES}.
+ * @param stages the side's stage functions by name
+ * @returns the side's versions
+ * @throws MigrationStreamError BAD_DEFINITION when a stage has no function
+ */
+export function hostVersions<Ctx>(
+  stages: Readonly<Record<string, Omit<HostStage<Ctx>, "name">>>,
+): HostVersion<Ctx>[] {
+  return Object.entries(HOST_STREAM_STAGES).map(([id, names]) => ({
+    id: Number(id),
+    stages: names.map((name) => {
+      const s = stages[name];
+      if (s === undefined) {
+        throw new MigrationStreamError("BAD_DEFINITION", "host stream stage without a function", {
+          field: "stage.name",
+          value: name,
+        });
+      }
+      return { name, ...s };
+    }),
+  }));
+}
+
+/** Options of {@link runSourceStages}. */
+export interface SourceStagesOptions {
+  /** the version to send (default the newest) */
+  version?: number;
+  /** called as each stage starts */
+  onStage?: (name: string) => void;
+  /** called once when a stage failed, before the rollbacks */
+  beforeRollback?: () => void;
+}
+
+/** A host stage failed: which one, and whether every rollback succeeded. */
+export class HostStageError extends Error {
+  /**
+   * @param stage the stage that failed
+   * @param cause what it threw
+   * @param rolledBack every rollback ran without error
+   */
+  constructor(
+    readonly stage: string,
+    override readonly cause: unknown,
+    readonly rolledBack: boolean,
+  ) {
+    super(`stage "${stage}" failed: ${cause instanceof Error ? cause.message : String(cause)}`);
+    this.name = "HostStageError";
+  }
+}
+
+/**
+ * Source side: write the header and run every stage of a version in order, each after its
+ * STAGE section; when one fails, roll back it and every earlier stage, latest first.
+ * @param table the source's versions
+ * @param ctx the migration context
+ * @param send writes bytes to the stream
+ * @param options the version to send, callbacks
+ * @returns when every stage ran
+ * @throws HostStageError naming the failed stage (its `cause` is what the stage threw)
+ * (passt `migrate.h`: the source walks `migrate_version.s`)
+ */
+export async function runSourceStages<Ctx>(
+  table: StageTable<HostStage<Ctx>>,
+  ctx: Ctx,
+  send: (b: Uint8Array) => Promise<void>,
+  options: SourceStagesOptions = {},
+): Promise<void> {
+  const version = options.version ?? table.newest.id;
+  const v = table.version(version);
+  const started: HostStage<Ctx>[] = [];
+  let current = "header";
+  try {
+    await send(table.header(version));
+    for (const stage of v?.stages ?? []) {
+      current = stage.name;
+      started.push(stage);
+      options.onStage?.(stage.name);
+      await send(encodeSection(SectionType.STAGE, Buffer.from(stage.name, "utf8")));
+      await stage.run(ctx);
+    }
+  } catch (err) {
+    options.beforeRollback?.();
+    let rolledBack = true;
+    for (const stage of started.reverse()) {
+      try {
+        await stage.rollback?.(ctx);
+      } catch {
+        rolledBack = false;
+      }
+    }
+    throw new HostStageError(current, err, rolledBack);
+  }
+}
+
+/** Options of {@link runDestinationStages}. */
+export interface DestinationStagesOptions {
+  /** called with the version chosen, before the first stage */
+  onVersion?: (version: number) => void;
+  /** called as each stage starts */
+  onStage?: (name: string) => void;
+}
+
+/** What the destination's walk through the stages found. */
+export interface DestinationStagesResult {
+  /** the source's header */
+  header: StreamHeader;
+  /** the version chosen to read it */
+  version: number;
+  /** stages run, in order */
+  ran: string[];
+  /** stages of a newer source skipped (their sections read and dropped) */
+  skipped: string[];
+}
+
+/**
+ * Destination side: read the header, choose the version, and run its stages in order as their
+ * STAGE sections arrive. A stage the chosen version does not know is skipped when the source's
+ * version is newer (it promised so by its compat_version); otherwise it is an error, as is a
+ * stage out of order.
+ * @param table the destination's versions
+ * @param ctx the migration context
+ * @param reader the stream (`reader.stage` follows the stage being read)
+ * @param options callbacks
+ * @returns the versions and the stages run and skipped
+ * @throws MigrationStreamError NO_COMPATIBLE_VERSION naming both ranges, UNEXPECTED_STAGE;
+ *   whatever a stage throws
+ * (passt `migrate.h`: the target walks `migrate_version.s`)
+ */
+export async function runDestinationStages<Ctx>(
+  table: StageTable<HostStage<Ctx>>,
+  ctx: Ctx,
+  reader: SectionReader,
+  options: DestinationStagesOptions = {},
+): Promise<DestinationStagesResult> {
+  reader.stage = "header";
+  const header = await reader.header();
+  const v = table.chooseVersion(header);
+  options.onVersion?.(v.id);
+  const known = new Set(v.stages.map((s) => s.name));
+  const ran: string[] = [];
+  const skipped: string[] = [];
+  for (const stage of v.stages) {
+    for (;;) {
+      const name = await reader.stageName();
+      if (name === stage.name) break;
+      if (known.has(name) || header.version <= v.id) {
+        throw new MigrationStreamError(
+          "UNEXPECTED_STAGE",
+          `host stream version ${v.id}: stage "${name}" where "${stage.name}" comes next`,
+          { stage: name, field: "stage", value: name },
+        );
+      }
+      // A stage of a newer source: drop its sections.
+      reader.stage = name;
+      while ((await reader.nextInStage()) !== null) {
+        // dropped
+      }
+      skipped.push(name);
+    }
+    reader.stage = stage.name;
+    options.onStage?.(stage.name);
+    await stage.run(ctx);
+    ran.push(stage.name);
+  }
+  return { header, version: v.id, ran, skipped };
+}
+
+export { StageTable };
