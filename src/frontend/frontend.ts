@@ -1185,10 +1185,18 @@ export class VhostUserFrontend extends EventEmitter {
    * @param index queue index
    * @param base base to restart from (default: `queue.stoppedBase`)
    * @param log VHOST_VRING_F_LOG in SET_VRING_ADDR (default false)
+   * @param resendFds send SET_VRING_CALL and SET_VRING_ERR again (default true, as QEMU does;
+   * false only to probe whether a back-end keeps its call fd across a stop, as `vhostkit check`
+   * does: a libvhost-user back-end then fails at its next notification)
    * @throws VhostUserError when the ring was never stopped and no base is given
    * (vhost-user: "Starting and stopping rings")
    */
-  async restartQueue(index: number, base?: QueueBase | number, log = false): Promise<void> {
+  async restartQueue(
+    index: number,
+    base?: QueueBase | number,
+    log = false,
+    resendFds = true,
+  ): Promise<void> {
     const q = this.#queueOrThrow("restartQueue", index);
     const b = base ?? q.stoppedBase;
     if (b === null)
@@ -1207,8 +1215,10 @@ export class VhostUserFrontend extends EventEmitter {
     // (libvhost-user's `vu_get_vring_base_exec` does, and panics at its next notification
     // without a new one): every start sends them again, as QEMU's `vhost_virtqueue_start`
     // sends the call fd after the kick fd. Ours stay open and watched.
-    await this.#sendVringFd(FR.SET_VRING_CALL, index, q.callFd);
-    if (q.errFd >= 0 || q.sentErr) await this.#sendVringFd(FR.SET_VRING_ERR, index, q.errFd);
+    if (resendFds) {
+      await this.#sendVringFd(FR.SET_VRING_CALL, index, q.callFd);
+      if (q.errFd >= 0 || q.sentErr) await this.#sendVringFd(FR.SET_VRING_ERR, index, q.errFd);
+    }
     if (this.#protocolFeaturesAcked()) await this.setVringEnable(index, true);
     q.stoppedBase = null;
     q.stopped = false;

@@ -407,8 +407,8 @@ const rings: CheckSpec[] = [
           return na(`${before.used.length} buffers used with no call before any stop: cannot tell`);
         }
         await s.fe.stopQueue(q.index);
-        // Restart WITHOUT SET_VRING_CALL (frontend.restartQueue sends none).
-        await s.fe.restartQueue(q.index);
+        // Restart WITHOUT SET_VRING_CALL (QEMU would send it; this probes the back-end).
+        await s.fe.restartQueue(q.index, undefined, false, false);
         ctx.workload.submit(s.fe, 8, 8);
         const used = await collectUsed(q, 8, 1500).catch(() => [] as UsedBuffer[]);
         await sleep(100);
