@@ -21,6 +21,30 @@ export class UsageError extends Error {
   }
 }
 
+/**
+ * Whether an error is the command line's fault: a {@link UsageError} or an error of
+ * `node:util` `parseArgs` (unknown option, missing value).
+ * @param err what was thrown while parsing
+ * @returns true when the command should exit with status 2
+ */
+export function isUsageError(err: unknown): boolean {
+  if (err instanceof UsageError) return true;
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === "string" && code.startsWith("ERR_PARSE_ARGS");
+}
+
+/**
+ * Report a usage error of one command on stderr, with the hint to its `--help`.
+ * @param io where to write
+ * @param command the command's name (`stats`, `trace`, ...)
+ * @param err the usage error (see {@link isUsageError})
+ * @returns {@link ExitCode.USAGE}
+ */
+export function reportUsageError(io: CliIo, command: string, err: unknown): number {
+  io.stderr(`vhostkit ${command}: ${(err as Error).message}\nTry 'vhostkit ${command} --help'.\n`);
+  return ExitCode.USAGE;
+}
+
 /** Exit statuses of the commands. */
 export const ExitCode = Object.freeze({ OK: 0, FAILURE: 1, USAGE: 2 });
 

@@ -5,7 +5,15 @@
  */
 import { createConnection } from "node:net";
 import { parseArgs } from "node:util";
-import { ExitCode, UsageError, controlPathFor, defaultSocketPath, formatStats } from "./common.js";
+import {
+  ExitCode,
+  UsageError,
+  controlPathFor,
+  defaultSocketPath,
+  formatStats,
+  isUsageError,
+  reportUsageError,
+} from "./common.js";
 import type { CliIo, StatsSnapshot } from "./common.js";
 
 /** Usage text of `vhostkit stats`. */
@@ -91,14 +99,7 @@ export async function runStats(argv: string[], io: CliIo): Promise<number> {
     }).values;
     if (values.control === "") throw new UsageError("--control: empty path");
   } catch (err) {
-    const code = (err as { code?: unknown }).code;
-    if (
-      err instanceof UsageError ||
-      (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
-    ) {
-      io.stderr(`vhostkit stats: ${(err as Error).message}\nTry 'vhostkit stats --help'.\n`);
-      return ExitCode.USAGE;
-    }
+    if (isUsageError(err)) return reportUsageError(io, "stats", err);
     throw err;
   }
   if (values.help === true) {

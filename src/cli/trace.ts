@@ -3,7 +3,7 @@
  * ways (one line each, or JSON lines), replies paired with their requests.
  */
 import { parseArgs } from "node:util";
-import { ExitCode, UsageError } from "./common.js";
+import { ExitCode, UsageError, isUsageError, reportUsageError } from "./common.js";
 import type { CliIo } from "./common.js";
 import { TraceProxy, formatTraceEvent } from "../tools/trace/proxy.js";
 
@@ -57,14 +57,7 @@ export async function runTrace(argv: string[], io: CliIo, signal?: AbortSignal):
       }
     }
   } catch (err) {
-    const code = (err as { code?: unknown }).code;
-    if (
-      err instanceof UsageError ||
-      (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
-    ) {
-      io.stderr(`vhostkit trace: ${(err as Error).message}\nTry 'vhostkit trace --help'.\n`);
-      return ExitCode.USAGE;
-    }
+    if (isUsageError(err)) return reportUsageError(io, "trace", err);
     throw err;
   }
   if (values.help === true) {
