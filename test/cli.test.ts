@@ -197,6 +197,8 @@ test("cli: parseSwitchArgs defaults and the QEMU command line", () => {
       control: "/a.ctl",
       ageingMs: 1500,
       busyPollMicros: 0,
+      stateTimeoutMs: null,
+      requestBacklog: null,
       printQemu: false,
       verbose: false,
       help: false,

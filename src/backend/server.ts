@@ -8,7 +8,7 @@ import { unlinkSync, lstatSync } from "node:fs";
 import { native, POLL_READABLE } from "../native.js";
 import type { FdWatcher } from "../native.js";
 import { Channel } from "../channel.js";
-import { BackendSession } from "./session.js";
+import { BackendSession, checkSessionLimits } from "./session.js";
 import { silentLogger } from "./device.js";
 import type { Logger, VhostUserDevice } from "./device.js";
 
@@ -44,6 +44,18 @@ export interface ServeOptions {
   ownStateChannel?: boolean;
   /** largest device state accepted on LOAD (bytes; default 64 MiB) */
   maxStateBytes?: number;
+  /**
+   * A device-state transfer (SET_DEVICE_STATE_FD) that has not ended after this many ms fails
+   * and its fd is closed (default 60 000; 1..3 600 000; see
+   * `BackendSessionOptions.stateTimeoutMs`)
+   */
+  stateTimeoutMs?: number;
+  /**
+   * Most requests waiting to be handled on a connection before it is closed: count, payload
+   * bytes and fds (default `DEFAULT_REQUEST_BACKLOG`; ranges in
+   * `BackendSessionOptions.requestBacklog`)
+   */
+  requestBacklog?: { requests: number; bytes: number; fds: number };
 }
 
 /**
@@ -73,6 +85,8 @@ export class BackendServer extends EventEmitter {
   readonly #stopTimeoutMs: number | undefined;
   readonly #ownStateChannel: boolean | undefined;
   readonly #maxStateBytes: number | undefined;
+  readonly #stateTimeoutMs: number | undefined;
+  readonly #requestBacklog: { requests: number; bytes: number; fds: number } | undefined;
 
   /**
    * Serve a device: listen on `options.path` (server mode) or connect to it (client mode).
@@ -80,7 +94,8 @@ export class BackendServer extends EventEmitter {
    * @param options socket path, mode, logger
    * @throws NativeError when the listening socket cannot be created; Error when a live server
    *   already listens on the path or the path is not a socket; RangeError naming the option
-   *   when `pollTurns` or `busyPollMicros` is out of range (before any socket is made)
+   *   when `pollTurns`, `busyPollMicros`, `stateTimeoutMs` or `requestBacklog` is out of range
+   *   (before any socket is made)
    */
   constructor(device: VhostUserDevice, options: ServeOptions) {
     super();
@@ -92,6 +107,7 @@ export class BackendServer extends EventEmitter {
     if (!(busy >= 0 && busy <= 1000)) {
       throw new RangeError(`serveBackend: busyPollMicros must be in 0..1000, got ${busy}`);
     }
+    checkSessionLimits("serveBackend", options);
     this.device = device;
     this.path = options.path;
     this.client = options.client ?? false;
@@ -102,6 +118,8 @@ export class BackendServer extends EventEmitter {
     this.#stopTimeoutMs = options.stopTimeoutMs;
     this.#ownStateChannel = options.ownStateChannel;
     this.#maxStateBytes = options.maxStateBytes;
+    this.#stateTimeoutMs = options.stateTimeoutMs;
+    this.#requestBacklog = options.requestBacklog && { ...options.requestBacklog };
     this.#delay = this.#delays.min;
     if (this.client) {
       this.#connect();
@@ -207,6 +225,8 @@ export class BackendServer extends EventEmitter {
         ...(this.#stopTimeoutMs !== undefined ? { stopTimeoutMs: this.#stopTimeoutMs } : {}),
         ...(this.#ownStateChannel !== undefined ? { ownStateChannel: this.#ownStateChannel } : {}),
         ...(this.#maxStateBytes !== undefined ? { maxStateBytes: this.#maxStateBytes } : {}),
+        ...(this.#stateTimeoutMs !== undefined ? { stateTimeoutMs: this.#stateTimeoutMs } : {}),
+        ...(this.#requestBacklog !== undefined ? { requestBacklog: this.#requestBacklog } : {}),
       });
     } catch (err) {
       this.log.error(`${this.path}: cannot start a session: ${(err as Error).message}`);

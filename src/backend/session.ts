@@ -19,7 +19,9 @@ import {
   VirtioFeature,
   featureMask,
   hasFeature,
+  MAX_FDS,
   MAX_MEM_REGIONS,
+  MAX_PAYLOAD_SIZE,
   VRING_F_LOG,
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
@@ -92,12 +94,14 @@ export interface BackendSessionOptions {
   maxStateBytes?: number;
   /**
    * A device-state transfer (SET_DEVICE_STATE_FD) that has not reached its end after this many
-   * milliseconds fails (default 60 000); it also ends when the connection closes.
+   * milliseconds fails and its fd is closed (default 60 000; 1..{@link MAX_STATE_TIMEOUT_MS});
+   * it also ends when the connection closes.
    */
   stateTimeoutMs?: number;
   /**
    * Most requests waiting to be handled (behind a slow one, e.g. CHECK_DEVICE_STATE waiting
-   * for a transfer) before the connection is closed: count, payload bytes and fds (default
+   * for a transfer) before the connection is closed: count (>= 1), payload bytes
+   * (>= `MAX_PAYLOAD_SIZE`, 4096) and fds (>= `MAX_FDS`, 8), integers (default
    * {@link DEFAULT_REQUEST_BACKLOG}).
    */
   requestBacklog?: { requests: number; bytes: number; fds: number };
@@ -124,6 +128,39 @@ export interface BackendSessionOptions {
 
 /** Default {@link BackendSessionOptions.requestBacklog}. */
 export const DEFAULT_REQUEST_BACKLOG = Object.freeze({ requests: 1024, bytes: 1 << 20, fds: 256 });
+
+/** Largest {@link BackendSessionOptions.stateTimeoutMs} (one hour). */
+export const MAX_STATE_TIMEOUT_MS = 3_600_000;
+
+/**
+ * Check the options of a session before any socket is made.
+ * @param where the caller, named in the error
+ * @param o the options
+ * @throws RangeError naming the option and the value
+ */
+export function checkSessionLimits(
+  where: string,
+  o: { stateTimeoutMs?: number; requestBacklog?: { requests: number; bytes: number; fds: number } },
+): void {
+  const t = o.stateTimeoutMs;
+  if (t !== undefined && !(Number.isInteger(t) && t >= 1 && t <= MAX_STATE_TIMEOUT_MS)) {
+    throw new RangeError(
+      `${where}: stateTimeoutMs must be an integer in 1..${MAX_STATE_TIMEOUT_MS}, got ${t}`,
+    );
+  }
+  const b = o.requestBacklog;
+  if (b === undefined) return;
+  // At least one request of the largest kind must fit.
+  const least = { requests: 1, bytes: MAX_PAYLOAD_SIZE, fds: MAX_FDS };
+  for (const key of ["requests", "bytes", "fds"] as const) {
+    const v = (b as Partial<Record<string, unknown>>)[key];
+    if (!(typeof v === "number" && Number.isSafeInteger(v) && v >= least[key])) {
+      throw new RangeError(
+        `${where}: requestBacklog.${key} must be an integer >= ${least[key]}, got ${String(v)}`,
+      );
+    }
+  }
+}
 
 /** Default of {@link BackendSessionOptions.stopTimeoutMs}. */
 export const DEFAULT_STOP_TIMEOUT_MS = 1000;
@@ -231,8 +268,9 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    * @param channel the main channel, role back-end
    * @param device the device to serve
    * @param options name and logger
-   * @throws RangeError when `options.pollTurns` is not an integer >= 0 or
-   *   `options.busyPollMicros` not a number in 0..1000
+   * @throws RangeError when `options.pollTurns` is not an integer >= 0,
+   *   `options.busyPollMicros` not a number in 0..1000, or `options.stateTimeoutMs` /
+   *   `options.requestBacklog` out of range (see {@link checkSessionLimits})
    */
   constructor(channel: Channel<"main">, device: VhostUserDevice, options: BackendSessionOptions) {
     super();
@@ -242,6 +280,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.log = options.logger;
     this.#ownStateChannel = options.ownStateChannel ?? false;
     this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
+    checkSessionLimits("BackendSession", options);
     this.#stateTimeoutMs = options.stateTimeoutMs ?? 60_000;
     this.#backlogLimit = options.requestBacklog ?? DEFAULT_REQUEST_BACKLOG;
     this.pollTurns = options.pollTurns ?? 0;

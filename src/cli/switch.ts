@@ -12,6 +12,12 @@ import type { Server } from "node:net";
 import { dirname } from "node:path";
 import { parseArgs } from "node:util";
 import type { Logger } from "../backend/device.js";
+import {
+  checkSessionLimits,
+  DEFAULT_REQUEST_BACKLOG,
+  MAX_STATE_TIMEOUT_MS,
+} from "../backend/session.js";
+import { MAX_FDS, MAX_PAYLOAD_SIZE } from "../protocol/constants.js";
 import { Switch } from "../net/switch.js";
 import { addVhostUserPort, describeNetFeatures, MAX_QUEUE_PAIRS } from "../net/virtio-net.js";
 import type { VhostUserPort } from "../net/virtio-net.js";
@@ -52,6 +58,13 @@ options:
   --ageing SECONDS  forget a MAC not seen for this long (default 300)
   --busy-poll US    keep polling a port's rings until idle for US microseconds, 1..1000,
                     instead of waiting for kicks (spends a core for latency; default off)
+  --state-timeout MS
+                    a device-state transfer (migration) not ended after MS milliseconds
+                    fails and its fd is closed, 1..${MAX_STATE_TIMEOUT_MS} (default 60000)
+  --request-backlog N,BYTES,FDS
+                    close a connection with more requests waiting than N, more
+                    than BYTES of payload or FDS fds (default ${DEFAULT_REQUEST_BACKLOG.requests},${DEFAULT_REQUEST_BACKLOG.bytes},${DEFAULT_REQUEST_BACKLOG.fds};
+                    at least 1,${MAX_PAYLOAD_SIZE},${MAX_FDS})
   --print-qemu      print the QEMU command line for every port
   --verbose         debug logs
   --help            this text
@@ -73,6 +86,10 @@ export interface SwitchCommandOptions {
   ageingMs: number;
   /** busy polling of every port (microseconds), or 0 (off) */
   busyPollMicros: number;
+  /** device-state transfer timeout (ms), or null (the default) */
+  stateTimeoutMs: number | null;
+  /** the bounds of the requests waiting on a connection, or null (the default) */
+  requestBacklog: { requests: number; bytes: number; fds: number } | null;
   printQemu: boolean;
   verbose: boolean;
   help: boolean;
@@ -111,6 +128,8 @@ export function parseSwitchArgs(
         control: { type: "string" },
         ageing: { type: "string" },
         "busy-poll": { type: "string" },
+        "state-timeout": { type: "string" },
+        "request-backlog": { type: "string" },
         "print-qemu": { type: "boolean" },
         verbose: { type: "boolean", short: "v" },
         help: { type: "boolean", short: "h" },
@@ -160,6 +179,34 @@ export function parseSwitchArgs(
   ) {
     throw new UsageError(`--busy-poll must be an integer in 1..1000 microseconds (got ${bText})`);
   }
+  const tText = v["state-timeout"];
+  if (
+    tText !== undefined &&
+    (!/^\d+$/.test(tText) || Number(tText) < 1 || Number(tText) > MAX_STATE_TIMEOUT_MS)
+  ) {
+    throw new UsageError(
+      `--state-timeout must be an integer in 1..${MAX_STATE_TIMEOUT_MS} milliseconds (got ${tText})`,
+    );
+  }
+  const rText = v["request-backlog"];
+  let requestBacklog: { requests: number; bytes: number; fds: number } | null = null;
+  if (rText !== undefined) {
+    const m = /^(\d+),(\d+),(\d+)$/.exec(rText);
+    const least = `${1},${MAX_PAYLOAD_SIZE},${MAX_FDS}`;
+    if (!m) {
+      throw new UsageError(
+        `--request-backlog must be N,BYTES,FDS, at least ${least} (got ${rText})`,
+      );
+    }
+    requestBacklog = { requests: Number(m[1]), bytes: Number(m[2]), fds: Number(m[3]) };
+    try {
+      checkSessionLimits("--request-backlog", { requestBacklog });
+    } catch (err) {
+      throw new UsageError(
+        `--request-backlog ${rText}: ${(err as Error).message.replace(/^[^:]*: requestBacklog\./, "")}`,
+      );
+    }
+  }
   if (v.control === "") throw new UsageError("--control: empty path");
   return {
     sockets,
@@ -172,6 +219,8 @@ export function parseSwitchArgs(
     control: v.control ?? controlPathFor(sockets[0] as string),
     ageingMs: Math.round(Number(aText) * 1000),
     busyPollMicros: Number(bText),
+    stateTimeoutMs: tText === undefined ? null : Number(tText),
+    requestBacklog,
     printQemu: v["print-qemu"] ?? false,
     verbose: v.verbose ?? false,
     help: v.help ?? false,
@@ -401,6 +450,8 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
           ...(mac !== undefined ? { mac } : {}),
           ...(o.mtu !== null ? { mtu: o.mtu } : {}),
           ...(o.busyPollMicros > 0 ? { busyPollMicros: o.busyPollMicros } : {}),
+          ...(o.stateTimeoutMs !== null ? { stateTimeoutMs: o.stateTimeoutMs } : {}),
+          ...(o.requestBacklog !== null ? { requestBacklog: o.requestBacklog } : {}),
         });
       } catch (err) {
         throw new Error(`port ${path}: ${(err as Error).message}`, { cause: err });

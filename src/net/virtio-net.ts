@@ -1286,6 +1286,10 @@ export interface VhostUserPortOptions extends Omit<VirtioNetOptions, "name"> {
   reconnectDelayMs?: { min: number; max: number };
   /** busy polling of the port's rings (see `ServeOptions.busyPollMicros`; default 0: off) */
   busyPollMicros?: number;
+  /** device-state transfer timeout (see `ServeOptions.stateTimeoutMs`) */
+  stateTimeoutMs?: number;
+  /** requests waiting on a connection (see `ServeOptions.requestBacklog`) */
+  requestBacklog?: { requests: number; bytes: number; fds: number };
 }
 
 /** A vhost-user port served on a socket and attached to a switch. */
@@ -1301,10 +1305,20 @@ export interface VhostUserPort {
  * @param sw the switch
  * @param options socket path, mode, queue pairs, MAC, MTU, logger
  * @returns the port; `close()` removes it
- * @throws Error when the name is taken in the switch; NativeError when the socket fails
+ * @throws Error when the name is taken in the switch; NativeError when the socket fails;
+ *   RangeError naming a serving option out of range (see {@link serveBackend})
  */
 export function addVhostUserPort(sw: Switch, options: VhostUserPortOptions): VhostUserPort {
-  const { path, client, reconnectDelayMs, name, busyPollMicros, ...rest } = options;
+  const {
+    path,
+    client,
+    reconnectDelayMs,
+    name,
+    busyPollMicros,
+    stateTimeoutMs,
+    requestBacklog,
+    ...rest
+  } = options;
   const device = new VirtioNetDevice({ ...rest, name: name ?? path });
   sw.addPort(device);
   let server: BackendServer;
@@ -1313,6 +1327,8 @@ export function addVhostUserPort(sw: Switch, options: VhostUserPortOptions): Vho
     if (options.logger !== undefined) so.logger = options.logger;
     if (reconnectDelayMs !== undefined) so.reconnectDelayMs = reconnectDelayMs;
     if (busyPollMicros !== undefined) so.busyPollMicros = busyPollMicros;
+    if (stateTimeoutMs !== undefined) so.stateTimeoutMs = stateTimeoutMs;
+    if (requestBacklog !== undefined) so.requestBacklog = requestBacklog;
     server = serveBackend(device, so);
   } catch (err) {
     sw.removePort(device);
