@@ -54,6 +54,7 @@ import {
   withDevice,
 } from "./session.js";
 import { ROBUSTNESS_CHECKS } from "./robustness.js";
+import { MIGRATION_CHECKS } from "./migration.js";
 import type { CheckContext, CheckOutcome, CheckSpec, Started } from "./types.js";
 
 const FR = FrontendRequest;
@@ -826,6 +827,7 @@ export const CHECKS: readonly CheckSpec[] = Object.freeze([
   ...dirtyLog,
   ...deviceState,
   ...fs,
+  ...MIGRATION_CHECKS,
   // Destructive for back-ends that close the call fd: after every non-destructive check.
   ...rings.filter((c) => c.id === "rings.call-fd-at-get-vring-base"),
   ...ROBUSTNESS_CHECKS,
