@@ -150,3 +150,25 @@ test("vhostkit check --second: a DPDK testpmd vhost PMD pair (a failing check is
   const lost = r.checks.find((c) => c.id === "migration.none-lost");
   assert.match(lost?.detail ?? "", /seq 0\.\.\d+ sent/);
 });
+
+test("vhostkit check --second: a destination that does not serve the work fails the section", async (t) => {
+  // Entropy device to a net echo device (profile rng): the echo device writes nothing into
+  // the buffers of its queue 0 (its RX ring) unless frames come on TX.
+  const dir = tmp(t);
+  const a = join(dir, "a.sock");
+  const b = join(dir, "b.sock");
+  await startChild(t, [CHILD, a, "rng"], /ready/);
+  await startChild(t, [CHILD, b, "echo"], /ready/);
+  const r = await runChecks({
+    socket: a,
+    second: { socket: b },
+    profile: "rng",
+    only: ["migration"],
+  });
+  for (const c of r.checks) t.diagnostic(`${c.id}: ${c.result}: ${c.detail}`);
+  const serves = r.checks.find((c) => c.id === "migration.destination-serves");
+  assert.equal(serves?.result, "fail", serves?.detail);
+  const lost = r.checks.find((c) => c.id === "migration.none-lost");
+  assert.equal(lost?.result, "fail", lost?.detail);
+  assert.match(lost?.detail ?? "", /lost: \d+ \(/);
+});
