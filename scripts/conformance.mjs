@@ -50,14 +50,22 @@ const peers = [
   {
     name: "vhostkit test device (echo)",
     version: "this tree",
-    how: "node dist/test/fixtures/check-backend-child.js SOCK echo",
+    how: "node dist/test/fixtures/check-backend-child.js SOCK echo (checked with --second SOCK2: a second one)",
     async run() {
       const sock = join(dir, "echo.sock");
+      const sock2 = join(dir, "echo2.sock");
       const p = await startProcess([child, sock, "echo"], /ready/);
+      const p2 = await startProcess([child, sock2, "echo"], /ready/);
       try {
-        return await runChecks({ socket: sock, pid: p.pid, connections: 300 });
+        return await runChecks({
+          socket: sock,
+          pid: p.pid,
+          connections: 300,
+          second: { socket: sock2 },
+        });
       } finally {
         p.kill();
+        p2.kill();
       }
     },
   },
@@ -84,42 +92,61 @@ const peers = [
   {
     name: "vhostkit entropy example",
     version: "this tree",
-    how: "node dist/test/fixtures/check-backend-child.js SOCK rng (profile rng)",
+    how: "node dist/test/fixtures/check-backend-child.js SOCK rng (profile rng, --second SOCK2: a second one)",
     async run() {
       const sock = join(dir, "rng.sock");
+      const sock2 = join(dir, "rng2.sock");
       const p = await startProcess([child, sock, "rng"], /ready/);
+      const p2 = await startProcess([child, sock2, "rng"], /ready/);
       try {
-        return await runChecks({ socket: sock, profile: "rng", pid: p.pid, connections: 300 });
+        return await runChecks({
+          socket: sock,
+          profile: "rng",
+          pid: p.pid,
+          connections: 300,
+          second: { socket: sock2 },
+        });
       } finally {
         p.kill();
+        p2.kill();
       }
     },
   },
   {
     name: "DPDK testpmd vhost PMD",
     version: `dpdk ${dpkgVersion("dpdk")}`,
-    how: "dpdk-testpmd --no-huge --vdev net_vhost0,iface=SOCK -- --forward-mode=io --auto-start (restarted with --spawn)",
+    how: "dpdk-testpmd --no-huge --vdev net_vhost0,iface=SOCK -- --forward-mode=io --auto-start (restarted with --spawn; --second: a second testpmd)",
     skip: !existsSync(testpmd),
     async run() {
       const sock = join(dir, "vhost.sock");
-      const spawnCmd =
-        `exec ${testpmd} -l 0,1 --main-lcore 1 --no-huge -m 512 --no-pci --file-prefix=vkconf ` +
-        `--vdev 'net_vhost0,iface=${sock},queues=1' -- --forward-mode=io --nb-cores=1 ` +
+      const sock2 = join(dir, "vhost2.sock");
+      const spawnCmd = (s, prefix) =>
+        `exec ${testpmd} -l 0,1 --main-lcore 1 --no-huge -m 512 --no-pci --file-prefix=${prefix} ` +
+        `--vdev 'net_vhost0,iface=${s},queues=1' -- --forward-mode=io --nb-cores=1 ` +
         `--total-num-mbufs=16384 --stats-period=1 --auto-start </dev/null >/dev/null 2>&1`;
-      return runChecks({ socket: sock, spawn: spawnCmd, connectTimeoutMs: 15000 });
+      return runChecks({
+        socket: sock,
+        spawn: spawnCmd(sock, "vkconf"),
+        connectTimeoutMs: 15000,
+        second: { socket: sock2, spawn: spawnCmd(sock2, "vkconf2"), connectTimeoutMs: 15000 },
+      });
     },
   },
   {
     name: "QEMU virtiofsd",
     version: `qemu-system-common ${dpkgVersion("qemu-system-common")}`,
-    how: "/usr/lib/qemu/virtiofsd --socket-path=SOCK -o source=DIR -o cache=none (profile fs, restarted with --spawn)",
+    how: "/usr/lib/qemu/virtiofsd --socket-path=SOCK -o source=DIR -o cache=none (profile fs, restarted with --spawn; --second: a second virtiofsd on the same directory)",
     skip: !existsSync("/usr/lib/qemu/virtiofsd"),
     run() {
       const sock = join(dir, "fs.sock");
+      const sock2 = join(dir, "fs2.sock");
+      const fsd = (s) =>
+        `exec /usr/lib/qemu/virtiofsd --socket-path=${s} -o source=${share} -o cache=none`;
       return runChecks({
         socket: sock,
         profile: "fs",
-        spawn: `exec /usr/lib/qemu/virtiofsd --socket-path=${sock} -o source=${share} -o cache=none`,
+        spawn: fsd(sock),
+        second: { socket: sock2, spawn: fsd(sock2) },
       });
     },
   },

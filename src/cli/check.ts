@@ -22,7 +22,8 @@ check opens its own connection; the robustness checks run last.
 options:
   --profile P      how to make the device work: auto (default), net, fs, rng, generic
   --listen PATH    the back-end is in client mode: listen on PATH for it
-  --second SOCKET  a second back-end: device state is loaded into it
+  --second SOCKET  a second back-end: device state is loaded into it, and the device is
+                   migrated live to it under traffic (the migration section)
   --pid PID        the back-end's pid: its fd count is checked after many connections
   --connections N  connections for the fd-count check (default 300)
   --spawn CMD      shell command that starts the back-end whenever its socket does not answer

@@ -54,6 +54,7 @@ import {
   withDevice,
 } from "./session.js";
 import { ROBUSTNESS_CHECKS } from "./robustness.js";
+import { MIGRATION_CHECKS } from "./migration.js";
 import type { CheckContext, CheckOutcome, CheckSpec, Started } from "./types.js";
 
 const FR = FrontendRequest;
@@ -685,10 +686,19 @@ const deviceState: CheckSpec[] = [
     id: "device-state.refused-while-running",
     section: "device-state",
     spec: `${SPEC}: Migrating back-end state (seed 003)`,
-    title: "SET_DEVICE_STATE_FD is refused while a ring runs",
+    title: "SET_DEVICE_STATE_FD is refused while a ring runs (started by a kick)",
     run: async (ctx) => {
       if (!offersProtocol(ctx, PF.DEVICE_STATE)) return na("DEVICE_STATE not offered");
-      return withDevice(ctx, { prepare: false }, async (s) => {
+      return withDevice(ctx, {}, async (s) => {
+        // A ring starts at its first kick, not at SET_VRING_KICK (vhost-user: "Ring states"):
+        // kick every ring (and have the work queue do work) so that the rings run.
+        let work = "";
+        if (ctx.workload.workQueue !== null) {
+          const done = await doWork(ctx, s, 8, 0);
+          work = `after ${done.used.length} of 8 buffers used, `;
+        }
+        for (const q of s.fe.queues.values()) q.forceKick();
+        await s.fe.barrier();
         const [r, w] = native.pipe(true);
         try {
           const reply = await s.fe.request(
@@ -699,8 +709,12 @@ const deviceState: CheckSpec[] = [
           for (const fd of reply.fds) native.close(fd);
           const body = reply.payload as DeviceStateReply;
           return body.result !== 0
-            ? pass(`SET_DEVICE_STATE_FD(SAVE, STOPPED) with rings running: result ${body.result}`)
-            : fail("SET_DEVICE_STATE_FD(SAVE, STOPPED) with rings running: accepted (result 0)");
+            ? pass(
+                `${work}rings kicked: SET_DEVICE_STATE_FD(SAVE, STOPPED) with rings running: result ${body.result}`,
+              )
+            : fail(
+                `${work}rings kicked: SET_DEVICE_STATE_FD(SAVE, STOPPED) with rings running: accepted (result 0)`,
+              );
         } finally {
           native.close(r);
           native.close(w);
@@ -826,6 +840,7 @@ export const CHECKS: readonly CheckSpec[] = Object.freeze([
   ...dirtyLog,
   ...deviceState,
   ...fs,
+  ...MIGRATION_CHECKS,
   // Destructive for back-ends that close the call fd: after every non-destructive check.
   ...rings.filter((c) => c.id === "rings.call-fd-at-get-vring-base"),
   ...ROBUSTNESS_CHECKS,

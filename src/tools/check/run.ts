@@ -23,7 +23,7 @@ export interface RunChecksOptions extends TargetOptions {
   profile?: ProfileName;
   /** the back-end's pid, for the fd-count check */
   pid?: number | null;
-  /** a second back-end (device-state LOAD) */
+  /** a second back-end (device-state LOAD, live migration) */
   second?: TargetOptions | null;
   /** connections opened by the fd-count check (default 300) */
   connections?: number;
@@ -84,6 +84,7 @@ export async function runChecks(opts: RunChecksOptions): Promise<CheckReport> {
       offeredProtocolFeatures: offeredPf,
       pid: opts.pid ?? null,
       connections: opts.connections ?? 300,
+      memo: new Map(),
     };
     const checks = (opts.checks ?? CHECKS).filter(
       (c) => opts.only === undefined || opts.only.some((p) => c.id.startsWith(p)),

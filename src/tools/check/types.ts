@@ -19,6 +19,7 @@ export const SECTIONS = [
   "dirty-log",
   "device-state",
   "fs",
+  "migration",
   "robustness",
 ] as const;
 
@@ -50,6 +51,8 @@ export interface CheckContext {
   readonly pid: number | null;
   /** connections opened by the fd-count check */
   readonly connections: number;
+  /** results shared by the rows of one report (e.g. the migration run), by key */
+  readonly memo: Map<string, Promise<unknown>>;
 }
 
 /** A started device on one connection (see `startDevice`). */
