@@ -173,6 +173,12 @@ export interface QueueSetupOptions {
    * allocated). Give the device's position in `base`.
    */
   restore?: DriverSnapshot;
+  /**
+   * With REPLY_ACK: send the ring's requests back to back and wait for their acks together
+   * (the same requests in the same order, one round trip for the ring instead of one per
+   * request; a refused request is reported after the later ones were sent). Default false.
+   */
+  pipeline?: boolean;
 }
 
 /** Options of {@link VhostUserFrontend.setMemTable}. */
@@ -243,6 +249,8 @@ export class VhostUserFrontend extends EventEmitter {
   #ram: GuestRam | null = null;
   #memSlots: MemoryRegion[] = [];
   readonly #queues = new Map<number, FrontendQueue>();
+  /** rings whose SET_VRING_NUM was sent ahead by {@link prestageQueue}: index -> size */
+  readonly #prestaged = new Map<number, number>();
   readonly #inflight = new Set<Promise<unknown>>();
   #backendChannel: Channel<"backend-req"> | null = null;
   #closed = false;
@@ -1007,8 +1015,31 @@ export class VhostUserFrontend extends EventEmitter {
   }
 
   /**
-   * Set up a ring: allocate it in guest RAM, create its eventfds, then SET_VRING_NUM,
-   * SET_VRING_BASE, SET_VRING_ADDR (front-end virtual addresses), SET_VRING_KICK,
+   * Send a ring's SET_VRING_NUM ahead of its {@link setupQueue} (as QEMU's vhost_dev_start
+   * sends the size before each ring's base): a later setupQueue of the same index and size
+   * skips SET_VRING_NUM, so the back-end still sees NUM, BASE, ADDR, KICK, CALL, ERR, ENABLE
+   * in that order. Nothing starts the ring: it starts at its first kick after SET_VRING_KICK.
+   * @param index queue index
+   * @param size ring size
+   * @throws VhostUserError when no RAM was shared, the ring is set up already, or the request
+   *   fails
+   * (vhost-user: VHOST_USER_SET_VRING_NUM, "Starting and stopping rings")
+   */
+  async prestageQueue(index: number, size: number): Promise<void> {
+    if (this.#ram === null) {
+      throw usageError("prestageQueue", "ram", null, "call setMemTable first");
+    }
+    if (this.#queues.has(index)) {
+      throw usageError("prestageQueue", "index", index, "queue already set up");
+    }
+    this.#prestaged.delete(index);
+    await this.#call(FR.SET_VRING_NUM, { index, num: size });
+    this.#prestaged.set(index, size);
+  }
+
+  /**
+   * Set up a ring: allocate it in guest RAM, create its eventfds, then SET_VRING_NUM (unless
+   * {@link prestageQueue} sent the same size ahead), SET_VRING_BASE, SET_VRING_ADDR (front-end virtual addresses), SET_VRING_KICK,
    * SET_VRING_CALL, SET_VRING_ERR and SET_VRING_ENABLE 1 (when F_PROTOCOL_FEATURES is acked).
    * @param index queue index
    * @param options size, format, base, fd modes, regions, buffer size
@@ -1101,24 +1132,36 @@ export class VhostUserFrontend extends EventEmitter {
     }
     this.#queues.set(index, q);
     q.on("queue-error", (i: number) => this.emit("queue-error", i));
+    // ORDERING: a size sent ahead by prestageQueue stands; any other is sent here, first.
+    const numSent = this.#prestaged.get(index) === size;
+    this.#prestaged.delete(index);
+    const pf = this.#protocolFeaturesAcked();
+    const sends: (() => Promise<void>)[] = [];
+    if (!numSent) sends.push(() => this.#call(FR.SET_VRING_NUM, { index, num: size }));
+    sends.push(
+      () =>
+        this.#call(FR.SET_VRING_BASE, {
+          index,
+          num: this.#encodeBase(packed, base, "SET_VRING_BASE"),
+        }),
+      () => this.#call(FR.SET_VRING_ADDR, this.#ringAddr(q, options.log ?? false)),
+      () => this.#sendVringFd(FR.SET_VRING_KICK, index, kickFd),
+      () => this.#sendVringFd(FR.SET_VRING_CALL, index, callFd),
+    );
+    if (errMode !== "skip") sends.push(() => this.#sendVringFd(FR.SET_VRING_ERR, index, errFd));
+    if (options.enable !== false && pf) sends.push(() => this.setVringEnable(index, true));
     try {
-      await this.#call(FR.SET_VRING_NUM, { index, num: size });
-      await this.#call(FR.SET_VRING_BASE, {
-        index,
-        num: this.#encodeBase(packed, base, "SET_VRING_BASE"),
-      });
-      await this.#call(FR.SET_VRING_ADDR, this.#ringAddr(q, options.log ?? false));
-      await this.#sendVringFd(FR.SET_VRING_KICK, index, kickFd);
-      await this.#sendVringFd(FR.SET_VRING_CALL, index, callFd);
-      if (errMode !== "skip") {
-        await this.#sendVringFd(FR.SET_VRING_ERR, index, errFd);
-        q.sentErr = true;
+      if (options.pipeline === true) {
+        // ORDERING: each call writes its request before its first await, so `map` puts them on
+        // the wire in this order, back to back, before this method first waits; the acks are
+        // awaited together.
+        const settled = await Promise.allSettled(sends.map((send) => send()));
+        for (const r of settled) if (r.status === "rejected") throw r.reason;
+      } else {
+        for (const send of sends) await send();
       }
-      if (options.enable !== false && this.#protocolFeaturesAcked()) {
-        await this.setVringEnable(index, true);
-      } else if (options.enable === false && this.#protocolFeaturesAcked()) {
-        q.enabled = false;
-      }
+      if (errMode !== "skip") q.sentErr = true;
+      if (options.enable === false && pf) q.enabled = false;
     } catch (err) {
       this.#queues.delete(index);
       q.dispose();

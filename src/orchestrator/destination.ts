@@ -185,7 +185,7 @@ function checkSetup(v: unknown): SetupSection {
     int(q, `SETUP.queues[${i}]`, 0xffff),
   );
   const deviceId = int(s.deviceId, "SETUP.deviceId", 0xffff);
-  return {
+  const setup: SetupSection = {
     regions: out,
     layout: s.layout,
     features: s.features as string,
@@ -193,6 +193,25 @@ function checkSetup(v: unknown): SetupSection {
     queues,
     deviceId,
   };
+  if (s.rings !== undefined) {
+    // Only the sizes are used (SET_VRING_NUM during pre-copy); the addresses come again, final,
+    // in the virtio state.
+    setup.rings = arr(s.rings, "SETUP.rings", queues.length).map((r, i) => {
+      const f = `SETUP.rings[${i}]`;
+      const o = obj(r, f);
+      const size = int(o.size, `${f}.size`, 0x8000);
+      if (size === 0) throw fail(`${f}.size`, 0, "ring size 0");
+      return {
+        index: int(o.index, `${f}.index`, 0xffff),
+        size,
+        packed: bool(o.packed, `${f}.packed`),
+        desc: int(o.desc, `${f}.desc`),
+        avail: int(o.avail, `${f}.avail`),
+        used: int(o.used, `${f}.used`),
+      };
+    });
+  }
+  return setup;
 }
 
 /** The DRIVER_STATE section. */
@@ -531,6 +550,13 @@ async function destinationSetup(c: DestinationContext): Promise<void> {
   }
   // The contents do not matter to SET_MEM_TABLE: the pages come later.
   await fe.setMemTable(c.ram, { sync: true });
+  // Pre-stage each ring's size now, outside the downtime: SET_VRING_NUM starts nothing. The
+  // rest of each ring waits for the stop (ORDERING: SET_VRING_BASE before SET_VRING_KICK, a
+  // ring starts at its first kick; SET_VRING_ADDR follows the base as in QEMU's
+  // vhost_virtqueue_start; CALL at every ring start for libvhost-user). A size that differs
+  // in the virtio state is sent again at the switch-over.
+  for (const r of setup.rings ?? []) await fe.prestageQueue(r.index, r.size);
+  await fe.barrier();
 }
 
 /** precopy and final pages: apply the pages of each pass, acknowledge each pass's end. */
@@ -645,6 +671,11 @@ async function destinationSwitchover(c: DestinationContext): Promise<void> {
   step("checks");
 
   // --- apply: rings (not started), back-end state, then start
+  // Each ring's SET_VRING_NUM went during pre-copy (destinationSetup). The rest is sent now,
+  // pipelined: every ring's BASE, ADDR, KICK, CALL, ERR back to back in QEMU's order (the
+  // ORDERING is the wire's: each setupQueue writes its requests before it first waits), the
+  // acks awaited once for all rings.
+  const rings: Promise<FrontendQueue>[] = [];
   for (const q of vs.queues) {
     const snap = snaps.get(q.index) as DriverSnapshot;
     // Both formats continue at the source's position: SET_VRING_BASE with the values the
@@ -659,10 +690,13 @@ async function destinationSwitchover(c: DestinationContext): Promise<void> {
           usedWrap: q.usedWrap ?? true,
         }
       : { availIdx: q.lastAvailIdx };
-    c.queues.push(
-      await fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false }),
+    rings.push(
+      fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false, pipeline: true }),
     );
   }
+  const set = await Promise.allSettled(rings);
+  for (const r of set) if (r.status === "fulfilled") c.queues.push(r.value);
+  for (const r of set) if (r.status === "rejected") throw r.reason;
   await fe.barrier();
   step("rings");
   if (c.backendState !== null) {
