@@ -7,13 +7,13 @@
 import { test } from "node:test";
 import type { TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 import { runChecks } from "../src/tools/check/run.js";
+import { startChild } from "./helpers.js";
 import type { CheckReport } from "../src/tools/check/types.js";
 import { findExecutable, testpmdArgs, uniqueName } from "./peers/testpmd.js";
 
@@ -25,29 +25,6 @@ const IDS = [
   "migration.memory-equal",
   "migration.destination-serves",
 ];
-
-async function startChild(t: TestContext, args: string[], wait: RegExp): Promise<number> {
-  const child = spawn(process.execPath, args, { stdio: ["pipe", "pipe", "pipe"] });
-  t.after(() => {
-    child.stdin?.end();
-    child.kill("SIGTERM");
-  });
-  await new Promise<void>((resolve, reject) => {
-    let out = "";
-    const timer = setTimeout(() => reject(new Error(`child not ready: ${out}`)), 10_000);
-    const on = (b: Buffer): void => {
-      out += b.toString();
-      if (wait.test(out)) {
-        clearTimeout(timer);
-        resolve();
-      }
-    };
-    child.stdout?.on("data", on);
-    child.stderr?.on("data", on);
-    child.once("exit", (code) => reject(new Error(`child exited ${code}: ${out}`)));
-  });
-  return child.pid ?? 0;
-}
 
 function tmp(t: TestContext): string {
   const dir = mkdtempSync(join(tmpdir(), "vk-check-mig-"));

@@ -5,16 +5,14 @@
  * command line: exit statuses and the JSON shape.
  */
 import { test } from "node:test";
-import type { TestContext } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import type { ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 import { runChecks } from "../src/tools/check/run.js";
+import { startChild } from "./helpers.js";
 import type { CheckReport } from "../src/tools/check/types.js";
 import { main } from "../src/cli.js";
 
@@ -26,29 +24,6 @@ const BIN = fileURLToPath(new URL("../../bin/vhostkit.js", import.meta.url));
  * here and the entry is removed).
  */
 const KNOWN_SWITCH_BUGS: Readonly<Record<string, string>> = {};
-
-async function startChild(t: TestContext, args: string[], wait: RegExp): Promise<ChildProcess> {
-  const child = spawn(process.execPath, args, { stdio: ["pipe", "pipe", "pipe"] });
-  t.after(() => {
-    child.stdin?.end();
-    child.kill("SIGTERM");
-  });
-  await new Promise<void>((resolve, reject) => {
-    let out = "";
-    const timer = setTimeout(() => reject(new Error(`child not ready: ${out}`)), 10_000);
-    const on = (b: Buffer): void => {
-      out += b.toString();
-      if (wait.test(out)) {
-        clearTimeout(timer);
-        resolve();
-      }
-    };
-    child.stdout?.on("data", on);
-    child.stderr?.on("data", on);
-    child.once("exit", (code) => reject(new Error(`child exited ${code}: ${out}`)));
-  });
-  return child;
-}
 
 function failures(r: CheckReport): string[] {
   return r.checks.filter((c) => c.result === "fail").map((c) => `${c.id}: ${c.detail}`);

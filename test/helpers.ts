@@ -1,8 +1,11 @@
 /**
- * Helpers shared by the test files: an fd snapshot for leak checks and a logger that keeps
- * what it is told.
+ * Helpers shared by the test files: an fd snapshot for leak checks, a logger that keeps what it
+ * is told, and a Node.js child process started until it says it is ready.
  */
+import { spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { readdirSync, readlinkSync } from "node:fs";
+import type { TestContext } from "node:test";
 import type { Logger } from "../src/backend/device.js";
 
 /**
@@ -44,4 +47,40 @@ export class LineLogger implements Logger {
   has(re: RegExp): boolean {
     return this.lines.some((l) => re.test(l));
   }
+}
+
+/**
+ * Start `node ARGS` and wait until its stdout or stderr matches `wait`; the child is ended
+ * (stdin closed, SIGTERM) when the test ends.
+ * @param t the test that owns the child
+ * @param args the arguments after the Node.js executable
+ * @param wait what the child prints once it is ready
+ * @returns the child
+ * @throws Error when the child exits or says nothing matching within 10 s
+ */
+export async function startChild(
+  t: TestContext,
+  args: string[],
+  wait: RegExp,
+): Promise<ChildProcess> {
+  const child = spawn(process.execPath, args, { stdio: ["pipe", "pipe", "pipe"] });
+  t.after(() => {
+    child.stdin?.end();
+    child.kill("SIGTERM");
+  });
+  await new Promise<void>((resolve, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`child not ready: ${out}`)), 10_000);
+    const on = (b: Buffer): void => {
+      out += b.toString();
+      if (wait.test(out)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    };
+    child.stdout?.on("data", on);
+    child.stderr?.on("data", on);
+    child.once("exit", (code) => reject(new Error(`child exited ${code}: ${out}`)));
+  });
+  return child;
 }
