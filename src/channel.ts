@@ -375,7 +375,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
         // Nobody awaits this reply: release the fds it carried.
         (reply) => reply.fds.forEach((fd) => this.#closeFd(fd)),
         (err: Error) =>
-          this.#log("warn", `${spec.name}: reply to an unawaited request: ${err.message}`),
+          this.#emit("warn", `${spec.name}: reply to an unawaited request: ${err.message}`),
       );
       return;
     }
@@ -474,7 +474,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
     try {
       this.#watcher.close();
     } catch (err) {
-      this.#log("warn", `closing the watcher failed: ${(err as Error).message}`);
+      this.#emit("warn", `closing the watcher failed: ${(err as Error).message}`);
     }
     this.#closeFd(this.#fd);
     for (const fd of this.#decoder.drainFds()) this.#closeFd(fd);
@@ -491,7 +491,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
         }),
       );
     }
-    this.#log("debug", cause ? `closed: ${cause.message}` : "closed");
+    this.#emit("debug", cause ? `closed: ${cause.message}` : "closed");
     this.emit("close", cause);
   }
 
@@ -801,14 +801,14 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
 
   #emitMessage(message: FrontendRequestMessage | BackendRequestMessage): void {
     if (this.listenerCount("message") === 0) {
-      this.#log("warn", `${message.name}: no message listener; request dropped`);
+      this.#emit("warn", `${message.name}: no message listener; request dropped`);
       for (const fd of message.fds) this.#closeFd(fd);
       return;
     }
     try {
       this.emit("message", message);
     } catch (err) {
-      this.#log("error", `${message.name}: message listener threw: ${(err as Error).message}`);
+      this.#emit("error", `${message.name}: message listener threw: ${(err as Error).message}`);
       this.close(err instanceof Error ? err : new Error(String(err)));
     }
   }
@@ -838,7 +838,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
             request: this.name,
             cause: err,
           });
-    this.#log("warn", error.message);
+    this.#emit("warn", error.message);
     if (this.listenerCount("error") > 0) this.emit("error", error);
     this.close(error);
   }
@@ -855,7 +855,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
     try {
       this.#io.close(fd);
     } catch (err) {
-      this.#log("warn", `close(${fd}) failed: ${(err as Error).message}`);
+      this.#emit("warn", `close(${fd}) failed: ${(err as Error).message}`);
     }
   }
 
@@ -880,7 +880,7 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
       channel: this.name,
     };
     this.#diag.publish(info);
-    this.#log(
+    this.#emit(
       "debug",
       `-> ${info.name} flags=0x${flags.toString(16)} size=${info.size} fds=${fds}`,
     );
@@ -899,14 +899,14 @@ export class Channel<K extends ChannelKind = ChannelKind> extends EventEmitter {
       channel: this.name,
     };
     this.#diag.publish(info);
-    this.#log(
+    this.#emit(
       "debug",
       `<- ${info.name} flags=0x${info.flags.toString(16)} size=${info.size} fds=${info.fds}` +
         ((message.flags & FLAG_NEED_REPLY) !== 0 ? " need-reply" : ""),
     );
   }
 
-  #log(level: keyof ChannelLogger, message: string): void {
+  #emit(level: keyof ChannelLogger, message: string): void {
     this.#logger?.[level](`${this.name}: ${message}`);
   }
 }

@@ -105,7 +105,7 @@ export interface WorkerQueueSpec {
 /** Events and context the framework gives to a device. */
 export interface DeviceContext {
   /** the application's logger, prefixed with the connection name */
-  readonly log: Logger;
+  readonly logger: Logger;
   /** the queue with this index, or undefined when it is not set up */
   queue(index: number): BackendQueue | undefined;
   /** Send a config-change notification to the front-end (BACKEND_REQ channel), if negotiated. */

@@ -71,7 +71,7 @@ export class BackendServer extends EventEmitter {
   /** true in client mode (connects to the front-end's socket) */
   readonly client: boolean;
   /** the application's logger (the silent logger when none was given) */
-  readonly log: Logger;
+  readonly logger: Logger;
   #listenFd = -1;
   #listenWatcher: FdWatcher | null = null;
   #session: BackendSession | null = null;
@@ -111,7 +111,7 @@ export class BackendServer extends EventEmitter {
     this.device = device;
     this.path = options.path;
     this.client = options.client ?? false;
-    this.log = options.logger ?? silentLogger;
+    this.logger = options.logger ?? silentLogger;
     this.#delays = options.reconnectDelayMs ?? { min: 50, max: 2000 };
     this.#pollTurns = options.pollTurns;
     this.#busyPollMicros = options.busyPollMicros;
@@ -140,7 +140,7 @@ export class BackendServer extends EventEmitter {
         this.close();
         throw err;
       }
-      this.log.info(`${this.path}: listening`);
+      this.logger.info(`${this.path}: listening`);
     }
   }
 
@@ -149,7 +149,7 @@ export class BackendServer extends EventEmitter {
    * accepting would look alive, so report it and stop serving.
    */
   #listenFailed(err: Error): void {
-    this.log.error(`${this.path}: listen socket error: ${err.message}; no longer accepting`);
+    this.logger.error(`${this.path}: listen socket error: ${err.message}; no longer accepting`);
     const error = new Error(`${this.path}: listen socket error: ${err.message}`, { cause: err });
     if (this.listenerCount("error") > 0) this.emit("error", error);
     this.close();
@@ -171,7 +171,7 @@ export class BackendServer extends EventEmitter {
       try {
         fd = native.unixAccept(this.#listenFd);
       } catch (err) {
-        this.log.error(`${this.path}: accept failed: ${(err as Error).message}`);
+        this.logger.error(`${this.path}: accept failed: ${(err as Error).message}`);
         return;
       }
       if (fd === null) return;
@@ -179,7 +179,7 @@ export class BackendServer extends EventEmitter {
       // queued on the old socket: process it before deciding that this is a second one.
       this.#session?.channel.pollHangup();
       if (this.#session) {
-        this.log.warn(`${this.path}: refusing a second front-end while one is connected`);
+        this.logger.warn(`${this.path}: refusing a second front-end while one is connected`);
         native.close(fd);
         continue;
       }
@@ -194,7 +194,7 @@ export class BackendServer extends EventEmitter {
       fd = native.unixConnect(this.path);
     } catch (err) {
       const e = err as Error & { code?: string };
-      this.log.debug(
+      this.logger.debug(
         `${this.path}: connect failed (${e.code ?? e.message}); retry in ${this.#delay} ms`,
       );
       this.#retryTimer = setTimeout(() => this.#connect(), this.#delay);
@@ -202,7 +202,7 @@ export class BackendServer extends EventEmitter {
       return;
     }
     this.#delay = this.#delays.min;
-    this.log.info(`${this.path}: connected to front-end`);
+    this.logger.info(`${this.path}: connected to front-end`);
     this.#startSession(fd);
   }
 
@@ -213,13 +213,13 @@ export class BackendServer extends EventEmitter {
       channel = new Channel(fd, { role: "backend", kind: "main", name: this.path });
     } catch (err) {
       // The channel closed fd; this connection is lost, the server goes on.
-      this.log.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
+      this.logger.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
       return;
     }
     try {
       session = new BackendSession(channel, this.device, {
         name: this.path,
-        logger: this.log,
+        logger: this.logger,
         ...(this.#pollTurns !== undefined ? { pollTurns: this.#pollTurns } : {}),
         ...(this.#busyPollMicros !== undefined ? { busyPollMicros: this.#busyPollMicros } : {}),
         ...(this.#stopTimeoutMs !== undefined ? { stopTimeoutMs: this.#stopTimeoutMs } : {}),
@@ -229,12 +229,12 @@ export class BackendServer extends EventEmitter {
         ...(this.#requestBacklog !== undefined ? { requestBacklog: this.#requestBacklog } : {}),
       });
     } catch (err) {
-      this.log.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
+      this.logger.error(`${this.path}: cannot start a session: ${(err as Error).message}`);
       channel.close();
       return;
     }
     this.#session = session;
-    this.log.info(`${this.path}: front-end connected`);
+    this.logger.info(`${this.path}: front-end connected`);
     session.on("error", (err: Error) => {
       if (this.listenerCount("error") > 0) this.emit("error", err);
     });

@@ -213,7 +213,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
   /** the device served */
   readonly device: VhostUserDevice;
   /** the session's logger */
-  readonly log: Logger;
+  readonly logger: Logger;
   /** name used in log lines (e.g. the socket path) */
   readonly name: string;
   /** one record per queue of the device, by index */
@@ -277,7 +277,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.channel = channel;
     this.device = device;
     this.name = options.name;
-    this.log = options.logger;
+    this.logger = options.logger;
     this.#ownStateChannel = options.ownStateChannel ?? false;
     this.#maxStateBytes = options.maxStateBytes ?? 64 * 1024 * 1024;
     checkSessionLimits("BackendSession", options);
@@ -320,18 +320,18 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         .catch((err: unknown) => {
           // #dispatch reports its own failures; anything reaching here is a bug in the
           // framework. Log it and keep the chain alive so later requests are still handled.
-          this.log.error(
+          this.logger.error(
             `${this.name}: ${msg.name}: ${err instanceof Error ? err.message : String(err)}`,
           );
         });
     });
     channel.on("error", (err: Error) => {
-      this.log.error(`${this.name}: connection error: ${err.message}`);
+      this.logger.error(`${this.name}: connection error: ${err.message}`);
       this.#emitError(err);
     });
     channel.on("close", (cause?: Error) => {
       if (cause && !this.#closed)
-        this.log.warn(`${this.name}: connection closed: ${cause.message}`);
+        this.logger.warn(`${this.name}: connection closed: ${cause.message}`);
       this.#teardown();
     });
     this.#watchFaults();
@@ -360,7 +360,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
           `at most ${max.requests}, ${max.bytes}, ${max.fds})`,
         { request: msg.name, field: "backlog", value: b.requests, fatal: true },
       );
-      this.log.error(`${this.name}: ${error.message}; closing the connection`);
+      this.logger.error(`${this.name}: ${error.message}; closing the connection`);
       this.#emitError(error);
       this.channel.close();
       return false;
@@ -419,7 +419,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       value,
       fatal: true,
     });
-    this.log.error(`${this.name}: ${error.message}; closing the connection`);
+    this.logger.error(`${this.name}: ${error.message}; closing the connection`);
     this.#emitError(error);
     this.channel.close();
   }
@@ -463,13 +463,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     const ch = this.#backendChannel;
     if (!ch) return;
     if (!hasFeature(this.#protocolFeatures, ProtocolFeature.CONFIG)) {
-      this.log.debug(`${this.name}: config changed; PROTOCOL_F_CONFIG not negotiated, not sent`);
+      this.logger.debug(`${this.name}: config changed; PROTOCOL_F_CONFIG not negotiated, not sent`);
       return;
     }
     try {
       ch.send(BackendRequest.CONFIG_CHANGE_MSG, null);
     } catch (err) {
-      this.log.warn(`${this.name}: config-change notification failed: ${(err as Error).message}`);
+      this.logger.warn(
+        `${this.name}: config-change notification failed: ${(err as Error).message}`,
+      );
     }
   }
 
@@ -514,7 +516,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     try {
       this.device.stopQueue?.(vring);
     } catch (err) {
-      this.log.error(
+      this.logger.error(
         `${this.name}: queue ${vring.index}: device error at the stop: ${err instanceof Error ? err.message : String(err)}`,
       );
     }
@@ -538,7 +540,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         native.eventfdWrite(this.#logFd, 1);
       } catch (err) {
         // Not a writable eventfd (the front-end chose it): stop using it, keep serving.
-        this.log.error(
+        this.logger.error(
           `${this.name}: log fd ${this.#logFd}: ${err instanceof Error ? err.message : String(err)}; no longer kicked`,
         );
         native.close(this.#logFd);
@@ -617,7 +619,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
               request: msg.name,
               cause: err,
             });
-      this.log.error(`${this.name}: ${error.message}`);
+      this.logger.error(`${this.name}: ${error.message}`);
       this.#emitError(error);
       if (this.#closed) return;
       if (error.fatal) {
@@ -627,7 +629,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       if (!this.#fail(msg)) {
         // The front-end would believe the request succeeded: end the connection instead (as
         // DPDK and rust-vmm do), naming the request and value in the log line above.
-        this.log.error(
+        this.logger.error(
           `${this.name}: ${msg.name} failed and the front-end cannot be told (no reply, no ` +
             "REPLY_ACK): closing the connection",
         );
@@ -733,7 +735,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         }
         this.#protocolFeatures = msg.payload;
         this.channel.setNegotiatedProtocolFeatures(msg.payload);
-        this.log.info(`${this.name}: protocol features 0x${msg.payload.toString(16)}`);
+        this.logger.info(`${this.name}: protocol features 0x${msg.payload.toString(16)}`);
         this.#ok(msg);
         return;
       }
@@ -887,7 +889,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
               msg.name,
             )
           : encodeSplitVringBase({ availIdx: base.availIdx }, msg.name);
-        this.log.debug(`${this.name}: queue ${vring.index} stopped at ${num}`);
+        this.logger.debug(`${this.name}: queue ${vring.index} stopped at ${num}`);
         this.channel.reply(msg.request, { index: vring.index, num });
         return;
       }
@@ -934,7 +936,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         }
         if (num !== 0 && num !== 1) throw badField(msg.name, "num", num, "must be 0 or 1");
         this.#vring(msg, index).setEnabled(num === 1);
-        this.log.debug(`${this.name}: queue ${index} ${num ? "enabled" : "disabled"}`);
+        this.logger.debug(`${this.name}: queue ${index} ${num ? "enabled" : "disabled"}`);
         this.#ok(msg);
         return;
       }
@@ -984,7 +986,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         });
         ch.setNegotiatedProtocolFeatures(this.#protocolFeatures);
         ch.on("error", (err: Error) =>
-          this.log.warn(`${this.name}: backend-req channel: ${err.message}`),
+          this.logger.warn(`${this.name}: backend-req channel: ${err.message}`),
         );
         this.#backendChannel = ch;
         this.#ok(msg);
@@ -1039,7 +1041,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#featuresSet = true;
     const formatAfter = this.format();
     if (formatBefore.packed !== formatAfter.packed && this.vrings.some((v) => v.started)) {
-      this.log.warn(`${this.name}: ring format changed while rings run`);
+      this.logger.warn(`${this.name}: ring format changed while rings run`);
     }
     if (!hasFeature(features, VirtioFeature.PROTOCOL_FEATURES)) {
       // Without PROTOCOL_FEATURES rings are enabled from the start; SET_FEATURES never disables.
@@ -1047,7 +1049,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
     const logging = hasFeature(features, VirtioFeature.LOG_ALL);
     if (logging !== wasLogging) {
-      this.log.info(`${this.name}: dirty logging ${logging ? "on" : "off"}`);
+      this.logger.info(`${this.name}: dirty logging ${logging ? "on" : "off"}`);
       await this.#applyLog();
       // The start of logging is the hint that a migration begins; its end without a saved
       // state means the migration was cancelled (vhost-user: "Migrating back-end state").
@@ -1060,7 +1062,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       }
     }
     this.device.setFeatures?.(features);
-    this.log.info(`${this.name}: features 0x${features.toString(16)}`);
+    this.logger.info(`${this.name}: features 0x${features.toString(16)}`);
   }
 
   /**
@@ -1141,7 +1143,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     const relogged = this.#applyLog();
     if (old) unmapDirtyLog(old);
     await relogged;
-    this.log.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
+    this.logger.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
     this.channel.reply(msg.request, { value: 0n, log: null });
   }
 
@@ -1235,7 +1237,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
    */
   #mapFrontendRegion(fd: number, info: RegionInfo): Region[] {
     if ((native.fileSeals(fd) & FileSeal.SHRINK) === 0) {
-      this.log.info(
+      this.logger.info(
         `${this.name}: memory region at gpa 0x${info.gpa.toString(16)} is not sealed against ` +
           "shrinking (F_SEAL_SHRINK): if its file shrinks, the connection is closed",
       );
@@ -1298,7 +1300,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
         // libvhost-user. Any other overlap is refused when the new table is validated.
         for (const f of fds) native.close(f);
         fdsTaken = true;
-        this.log.debug(
+        this.logger.debug(
           `${this.name}: ${msg.name}: region at gpa 0x${info.gpa.toString(16)} already mapped`,
         );
         return;
@@ -1357,7 +1359,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
     for (const r of old) if (!regions.includes(r)) this.#unmap(r);
     this.stats.memoryTableUpdates++;
-    this.log.info(
+    this.logger.info(
       `${this.name}: memory table: ${regions.length} region(s), ` +
         `${regions.reduce((s, r) => s + r.size, 0)} bytes`,
     );
@@ -1495,14 +1497,14 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       .then(
         () => {
           transfer.settled = true;
-          this.log.info(
+          this.logger.info(
             `${this.name}: device state ${direction === DeviceStateDirection.SAVE ? "saved" : "loaded"} (${transfer.bytes} bytes)`,
           );
         },
         (err: Error) => {
           transfer.settled = true;
           transfer.error = err;
-          this.log.error(`${this.name}: device state transfer failed: ${err.message}`);
+          this.logger.error(`${this.name}: device state transfer failed: ${err.message}`);
         },
       );
   }
@@ -1594,7 +1596,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#faultWatcher = null;
     if (this.#faultFd >= 0) native.faultUnsubscribe(this.#faultFd);
     this.#faultFd = -1;
-    this.log.info(`${this.name}: front-end disconnected`);
+    this.logger.info(`${this.name}: front-end disconnected`);
     this.emit("close");
   }
 

@@ -51,7 +51,7 @@ export interface RingFormat {
 
 /** Callbacks from a vring to its session. */
 export interface VringHost {
-  readonly log: Logger;
+  readonly logger: Logger;
   /** current guest memory, or null before SET_MEM_TABLE */
   memory(): GuestMemory | null;
   format(): RingFormat;
@@ -195,7 +195,7 @@ export class Vring implements BackendQueue {
     if (fd >= 0) {
       const watcher = new native.FdWatcher(fd, (_events, error) => {
         if (error) {
-          this.#host.log.warn(`queue ${this.index}: kick fd error: ${error.message}`);
+          this.#host.logger.warn(`queue ${this.index}: kick fd error: ${error.message}`);
           this.#stopKickWatch();
           return;
         }
@@ -366,7 +366,7 @@ export class Vring implements BackendQueue {
   #start(): boolean {
     const mem = this.#host.memory();
     if (!mem || !this.addr || this.size === 0) {
-      this.#host.log.warn(
+      this.#host.logger.warn(
         `queue ${this.index}: kicked before it was set up ` +
           `(memory=${mem ? "yes" : "no"}, addr=${this.addr ? "yes" : "no"}, size=${this.size}); ignored`,
       );
@@ -388,7 +388,7 @@ export class Vring implements BackendQueue {
       return false;
     }
     this.#started = true;
-    this.#host.log.debug(
+    this.#host.logger.debug(
       `queue ${this.index}: started at avail ${this.base.availIdx}${spec ? " in a worker" : ""}`,
     );
     this.#host.stateChanged(this);
@@ -444,7 +444,7 @@ export class Vring implements BackendQueue {
         options: spec.options,
         counters: spec.counters ?? null,
       },
-      this.#host.log,
+      this.#host.logger,
       {
         broken: (reason, base) => {
           if (this.#worker !== worker) return;
@@ -645,7 +645,7 @@ export class Vring implements BackendQueue {
     try {
       (this.#memory ?? this.#host.memory())?.log?.flush();
     } catch (err) {
-      this.#host.log.error(
+      this.#host.logger.error(
         `queue ${this.index}: dirty log flush failed: ${err instanceof Error ? err.message : String(err)}`,
       );
     }
@@ -688,12 +688,12 @@ export class Vring implements BackendQueue {
   markBroken(reason: string): void {
     if (this.broken) return;
     this.broken = reason;
-    this.#host.log.error(`queue ${this.index}: broken: ${reason}`);
+    this.#host.logger.error(`queue ${this.index}: broken: ${reason}`);
     if (this.errFd >= 0) {
       try {
         native.eventfdWrite(this.errFd, 1);
       } catch (err) {
-        this.#host.log.warn(`queue ${this.index}: err fd write failed: ${String(err)}`);
+        this.#host.logger.warn(`queue ${this.index}: err fd write failed: ${String(err)}`);
       }
     }
     this.#endSpin();

@@ -186,7 +186,7 @@ export class QueueWorker {
   /** queue index of the ring */
   readonly index: number;
   readonly #worker: Worker;
-  readonly #log: Logger;
+  readonly #logger: Logger;
   readonly #events: QueueWorkerEvents;
   #waiters: Array<{ type: FromWorker["type"]; resolve: (m: FromWorker) => void }> = [];
   #done = false;
@@ -213,13 +213,13 @@ export class QueueWorker {
    * Start a worker for a ring. The fds in `init` are dups made by the caller; this object owns
    * them from now on (also when the constructor throws).
    * @param init ring, memory and handler description
-   * @param log the session's logger
+   * @param logger the session's logger
    * @param events broken-ring callback
    * @throws Error when the thread cannot be created (the fds in `init` are closed)
    */
-  constructor(init: WorkerInit, log: Logger, events: QueueWorkerEvents) {
+  constructor(init: WorkerInit, logger: Logger, events: QueueWorkerEvents) {
     this.index = init.index;
-    this.#log = log;
+    this.#logger = logger;
     this.#events = events;
     const mapped = init.regions.map((r) => r.fd);
     if (init.log) mapped.push(init.log.fd);
@@ -236,7 +236,7 @@ export class QueueWorker {
     this.exited = new Promise((resolve) => this.#worker.once("exit", resolve));
     this.#worker.on("message", (m: FromWorker) => this.#onMessage(m));
     this.#worker.on("error", (err: Error) => {
-      this.#log.error(`queue ${this.index}: worker failed: ${err.message}`);
+      this.#logger.error(`queue ${this.index}: worker failed: ${err.message}`);
       this.#finish();
       this.#reportBroken(`worker failed: ${err.message}`, null);
     });
@@ -278,7 +278,7 @@ export class QueueWorker {
     }
     if (m.type === "started") {
       this.#releaseFdGroup();
-      this.#log.debug(`queue ${this.index}: worker running`);
+      this.#logger.debug(`queue ${this.index}: worker running`);
       return;
     }
     if (m.type === "remapped" || m.type === "logged") this.#releaseFdGroup();
@@ -320,7 +320,7 @@ export class QueueWorker {
       const timer = setTimeout(() => {
         // The exit that follows answers the waiter with "broken", closes the fds and reports
         // the ring broken.
-        this.#log.error(`queue ${this.index}: worker did not answer "${m.type}"; terminated`);
+        this.#logger.error(`queue ${this.index}: worker did not answer "${m.type}"; terminated`);
         void this.#worker.terminate();
       }, ANSWER_TIMEOUT_MS + extraMs);
       this.#waiters.push({

@@ -116,7 +116,7 @@ export function acceptsGso(off: PortOffloads, gso: GsoRequest): boolean {
 export class Switch implements PortHost {
   readonly ageingMs: number;
   readonly maxMacs: number;
-  readonly log: Logger;
+  readonly logger: Logger;
   readonly #clock: () => number;
   readonly #ports: SwitchPort[] = [];
   readonly #byName = new Map<string, SwitchPort>();
@@ -149,7 +149,7 @@ export class Switch implements PortHost {
     if (!(this.maxMacs > 0))
       throw new RangeError(`Switch: maxMacs must be positive (maxMacs=${this.maxMacs})`);
     this.#clock = options.clock ?? Date.now;
-    this.log = options.logger ?? silentLogger;
+    this.logger = options.logger ?? silentLogger;
     const sweep = options.sweepIntervalMs ?? Math.min(this.ageingMs, 30_000);
     if (sweep > 0) {
       this.#sweepTimer = setInterval(() => this.expire(), sweep);
@@ -171,7 +171,7 @@ export class Switch implements PortHost {
     this.#ports.push(port);
     this.#byName.set(port.name, port);
     port.attachHost?.(this);
-    this.log.info(`switch: port ${port.name} added (${port.up ? "up" : "down"})`);
+    this.logger.info(`switch: port ${port.name} added (${port.up ? "up" : "down"})`);
   }
 
   /**
@@ -187,7 +187,7 @@ export class Switch implements PortHost {
     this.#dirty.delete(p);
     this.flushMacs(p);
     p.detachHost?.();
-    this.log.info(`switch: port ${p.name} removed`);
+    this.logger.info(`switch: port ${p.name} removed`);
     return true;
   }
 
@@ -210,7 +210,7 @@ export class Switch implements PortHost {
    */
   linkChanged(port: SwitchPort): void {
     if (this.#byName.get(port.name) !== port) return;
-    this.log.info(`switch: port ${port.name} ${port.up ? "up" : "down"}`);
+    this.logger.info(`switch: port ${port.name} ${port.up ? "up" : "down"}`);
     if (!port.up) this.flushMacs(port);
   }
 
@@ -271,7 +271,7 @@ export class Switch implements PortHost {
       try {
         p.flush?.();
       } catch (err) {
-        this.log.warn(`switch: port ${p.name} failed to flush: ${errorText(err)}`);
+        this.logger.warn(`switch: port ${p.name} failed to flush: ${errorText(err)}`);
       }
     }
   }
@@ -280,7 +280,7 @@ export class Switch implements PortHost {
     const slot = this.#macs.get(key);
     if (slot !== undefined) {
       if (slot.port !== port) {
-        this.log.debug(`switch: ${formatMac(key)} moved ${slot.port.name} -> ${port.name}`);
+        this.logger.debug(`switch: ${formatMac(key)} moved ${slot.port.name} -> ${port.name}`);
         slot.port = port;
       }
       slot.seen = seen;
@@ -355,7 +355,7 @@ export class Switch implements PortHost {
       if (!(err instanceof FrameError)) throw err;
       if (err.field === "gso_segments") from.counters.drops["gso-segments"]++;
       else from.counters.drops.malformed++;
-      this.log.debug(`switch: GSO frame from ${from.name} dropped: ${err.message}`);
+      this.logger.debug(`switch: GSO frame from ${from.name} dropped: ${err.message}`);
     }
   }
 
@@ -367,7 +367,7 @@ export class Switch implements PortHost {
       // A port that fails (its guest memory went away, say) must not break the sender's
       // batch or the other destinations: count it as that port's drop.
       to.counters.drops["port-down"]++;
-      this.log.warn(`switch: port ${to.name} failed to take a frame: ${errorText(err)}`);
+      this.logger.warn(`switch: port ${to.name} failed to take a frame: ${errorText(err)}`);
       taken = false;
     }
     if (taken) {
@@ -523,7 +523,7 @@ export class Switch implements PortHost {
         n++;
       }
     }
-    if (n > 0) this.log.debug(`switch: ${n} MAC(s) of ${port.name} flushed`);
+    if (n > 0) this.logger.debug(`switch: ${n} MAC(s) of ${port.name} flushed`);
     return n;
   }
 

@@ -68,7 +68,7 @@ export class TapPort implements SwitchPort {
   readonly stats: TapPortStats = { reads: 0, wakeups: 0, writeErrors: 0, badHeaders: 0 };
   /** frames carry a 12-byte virtio-net header */
   readonly vnetHdr: boolean;
-  readonly #log: Logger;
+  readonly #logger: Logger;
   #fd: number;
   #watcher: FdWatcher | null = null;
   #host: PortHost | null = null;
@@ -90,7 +90,7 @@ export class TapPort implements SwitchPort {
     this.#fd = fd;
     this.ifname = ifname;
     this.name = `tap:${ifname}`;
-    this.#log = logger;
+    this.#logger = logger;
     this.vnetHdr = vnetHdr;
     // The kernel takes partial checksums and TSO/ECN frames from a vnet-header writer; UFO
     // is left to the switch (it drops those: no software UFO).
@@ -145,7 +145,7 @@ export class TapPort implements SwitchPort {
       }
       this.counters.drops["no-buffer"]++;
       if (this.stats.writeErrors++ === 0)
-        this.#log.warn(`${this.name}: write failed: ${(err as Error).message}`);
+        this.#logger.warn(`${this.name}: write failed: ${(err as Error).message}`);
       return false;
     }
     if (n === null) {
@@ -164,7 +164,7 @@ export class TapPort implements SwitchPort {
     if (this.#fd < 0 || this.#watcher !== null) return;
     this.#watcher = new native.FdWatcher(this.#fd, (events, error) => {
       if (error !== null) {
-        this.#log.error(`${this.name}: watching the TAP fd failed: ${error.message}`);
+        this.#logger.error(`${this.name}: watching the TAP fd failed: ${error.message}`);
         this.#stop();
         return;
       }
@@ -190,14 +190,14 @@ export class TapPort implements SwitchPort {
       try {
         n = native.read(this.#fd, buf, 0, buf.length);
       } catch (err) {
-        this.#log.error(`${this.name}: read failed: ${(err as Error).message}`);
+        this.#logger.error(`${this.name}: read failed: ${(err as Error).message}`);
         this.#stop();
         host.linkChanged(this);
         break;
       }
       if (n === null) break;
       if (n === 0) {
-        this.#log.warn(`${this.name}: the TAP fd returned end of file`);
+        this.#logger.warn(`${this.name}: the TAP fd returned end of file`);
         this.#stop();
         host.linkChanged(this);
         break;

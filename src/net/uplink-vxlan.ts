@@ -176,10 +176,10 @@ export class VxlanPort implements SwitchPort {
   #lastFullSweep = -Infinity;
   readonly #clock: () => number;
   readonly #vteps = new Map<number, VtepSlot>();
-  readonly #log: Logger;
+  readonly #logger: Logger;
   readonly #onSent = (err: Error | null): void => {
     if (err !== null && this.stats.txErrors++ === 0)
-      this.#log.warn(`${this.name}: send failed: ${err.message}`);
+      this.#logger.warn(`${this.name}: send failed: ${err.message}`);
   };
   #socket: Socket | null;
   #host: PortHost | null = null;
@@ -212,10 +212,10 @@ export class VxlanPort implements SwitchPort {
     if (!(this.#maxVteps > 0))
       throw new RangeError(`${this.name}: maxVteps must be positive (maxVteps=${this.#maxVteps})`);
     this.#clock = options.clock ?? Date.now;
-    this.#log = logger;
+    this.#logger = logger;
     this.#txSockets = [...txSockets];
     for (const t of this.#txSockets) {
-      t.on("error", (err) => this.#log.warn(`${this.name}: source-port socket: ${err.message}`));
+      t.on("error", (err) => this.#logger.warn(`${this.name}: source-port socket: ${err.message}`));
     }
     const sweep = options.sweepIntervalMs ?? Math.min(this.#ageingMs, 30_000);
     if (sweep > 0) {
@@ -224,7 +224,7 @@ export class VxlanPort implements SwitchPort {
     }
     socket.on("message", (msg, rinfo) => this.#onMessage(msg, rinfo));
     socket.on("error", (err) => {
-      this.#log.error(`${this.name}: socket error: ${err.message}`);
+      this.#logger.error(`${this.name}: socket error: ${err.message}`);
     });
   }
 

@@ -213,7 +213,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   readonly pairCounters: PairCounters[];
   /** the port state (see {@link NetPortState}) */
   readonly state: NetPortState;
-  readonly log: Logger;
+  readonly logger: Logger;
 
   readonly #configMac: number | null;
   readonly #configMtu: number;
@@ -270,7 +270,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     this.queueNum = pairs;
     this.maxQueueSize = options.maxQueueSize ?? 1024;
     this.#txBudget = options.txBudget ?? DEFAULT_TX_BUDGET;
-    this.log = options.logger ?? silentLogger;
+    this.logger = options.logger ?? silentLogger;
     this.#configMac = options.mac === undefined ? null : macKey(toMacBytes(options.mac));
     this.#configMtu = mtu ?? 1500;
     const ecn = options.ecn ?? true;
@@ -558,7 +558,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       (this.#held[pair] as DescChain[]).length = 0;
       this.#heldBytes[pair] = 0;
       drops["port-down"]++;
-      this.log.warn(
+      this.logger.warn(
         `${this.name}: receive queue ${2 * pair}: ${err instanceof Error ? err.message : String(err)}`,
       );
       return false;
@@ -629,7 +629,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     this.#neg = decode(features);
     this.#hdrLen = this.#neg.version1 || this.#neg.mrg ? 12 : 10;
     if (changed) {
-      this.log.info(`${this.name}: negotiated ${describeNetFeatures(features)}`);
+      this.logger.info(`${this.name}: negotiated ${describeNetFeatures(features)}`);
       this.state.guestOffloads = Number(features & GUEST_OFFLOAD_MASK);
       this.state.filter = newRxFilter(this.#neg.ctrlVlan);
       this.state.activePairs = this.#neg.mq && this.#neg.ctrlVq ? 1 : this.queuePairs;
@@ -719,7 +719,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     const chains = held.splice(0);
     this.#heldBytes[pair] = 0;
     if (!queue.cancel(chains)) for (const c of chains) queue.pushUsed(c, 0);
-    this.log.debug(
+    this.logger.debug(
       `${this.name}: queue ${idx}: ${chains.length} held receive buffer(s) given back at the stop`,
     );
   }
@@ -756,7 +756,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     // port's state can be saved.
     if (up) this.#suspendedMacs = null;
     else this.#suspendedMacs = ctx !== null ? (this.#host?.macsOnPort(this.name) ?? null) : null;
-    this.log.info(`${this.name}: link ${up ? "up" : "down"}`);
+    this.logger.info(`${this.name}: link ${up ? "up" : "down"}`);
     this.#host?.linkChanged(this);
     if (up && this.#pendingRarp !== null) {
       const mac = this.#pendingRarp;
@@ -1024,7 +1024,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
   #releaseHeld(pair: number, queue: BackendQueue, cancel = false): void {
     const held = this.#held[pair] as DescChain[];
     if (!cancel || !queue.cancel(held)) for (const c of held) queue.pushUsed(c, 0);
-    this.log.debug(
+    this.logger.debug(
       `${this.name}: queue ${queue.index}: ${held.length} unused receive buffer(s) returned`,
     );
     held.length = 0;
@@ -1045,7 +1045,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       }
       if (chain.writableLength < 1) {
         // No room for the ack (VIRTIO 1.2 §5.1.6.5): nothing can be answered.
-        this.log.warn(
+        this.logger.warn(
           `${this.name}: control command with ${chain.readableLength} readable and ` +
             `no writable byte ignored`,
         );
@@ -1053,7 +1053,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
         continue;
       }
       if (chain.readableLength > CTRL_MAX_COMMAND) {
-        this.log.warn(
+        this.logger.warn(
           `${this.name}: control command refused: ${chain.readableLength} bytes ` +
             `(more than ${CTRL_MAX_COMMAND})`,
         );
@@ -1066,8 +1066,8 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       const dst = chain.readableLength > buf.length ? new Uint8Array(chain.readableLength) : buf;
       const n = queue.read(chain, dst);
       const r = handleCtrlCommand(this, dst.subarray(0, n));
-      if (r.ack === 0) this.log.debug(`${this.name}: control: ${r.what}`);
-      else this.log.warn(`${this.name}: control command refused: ${r.what}`);
+      if (r.ack === 0) this.logger.debug(`${this.name}: control: ${r.what}`);
+      else this.logger.warn(`${this.name}: control command refused: ${r.what}`);
       ack[0] = r.ack;
       queue.pushUsed(chain, queue.write(chain, ack));
     }
@@ -1190,7 +1190,7 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       this.#pendingRarp = bytes;
       return;
     }
-    this.log.info(`${this.name}: RARP for ${formatMac(bytes)}`);
+    this.logger.info(`${this.name}: RARP for ${formatMac(bytes)}`);
     host.receive(this, { data: buildRarp(bytes), meta: {} });
     host.flush();
   }
@@ -1334,7 +1334,7 @@ export function addVhostUserPort(sw: Switch, options: VhostUserPortOptions): Vho
     sw.removePort(device);
     throw err;
   }
-  server.on("error", (err: Error) => device.log.warn(`${device.name}: ${err.message}`));
+  server.on("error", (err: Error) => device.logger.warn(`${device.name}: ${err.message}`));
   return {
     device,
     server,

@@ -238,7 +238,7 @@ export class Guest {
   readonly argv: readonly string[];
 
   private readonly child: ChildProcess;
-  private readonly log: WriteStream;
+  private readonly logFile: WriteStream;
   private console = "";
   private stderrText = "";
   private nextId = 1;
@@ -265,8 +265,8 @@ export class Guest {
     this.argv = argv;
     this.logPath = logPath;
     this.qmpPath = qmpPath;
-    this.log = createWriteStream(logPath);
-    this.log.write(`$ ${argv.join(" ")}\n`);
+    this.logFile = createWriteStream(logPath);
+    this.logFile.write(`$ ${argv.join(" ")}\n`);
     this.child = spawn(argv[0] ?? "qemu-system-x86_64", argv.slice(1), {
       stdio: ["pipe", "pipe", "pipe"],
     });
@@ -274,25 +274,25 @@ export class Guest {
     this.child.stdout?.on("data", (d: Buffer) => {
       const s = d.toString("utf8");
       this.console += s;
-      this.log.write(s);
+      this.logFile.write(s);
       this.wake();
     });
     this.child.stderr?.on("data", (d: Buffer) => {
       const t = d.toString("utf8");
       this.stderrText = (this.stderrText + t).slice(-4000);
-      this.log.write(`[qemu stderr] ${t}`);
+      this.logFile.write(`[qemu stderr] ${t}`);
     });
     process.on("exit", this.onProcessExit);
     this.exitPromise = new Promise((resolve) => {
       this.child.on("exit", (code, signal) => {
         this.exited = { code, signal };
-        this.log.write(`\n[harness] qemu exited code=${code} signal=${signal}\n`);
+        this.logFile.write(`\n[harness] qemu exited code=${code} signal=${signal}\n`);
         this.wake();
         resolve();
       });
       this.child.on("error", (err) => {
         this.exited = { code: null, signal: null };
-        this.log.write(`\n[harness] spawn error: ${err.message}\n`);
+        this.logFile.write(`\n[harness] spawn error: ${err.message}\n`);
         this.wake();
         resolve();
       });
@@ -422,7 +422,7 @@ export class Guest {
       const start = this.console.length;
       const begin = `@@VK-BEGIN ${id}\n`;
       const endRe = new RegExp(`@@VK-END ${id} (\\d+)\\r?\\n`);
-      this.log.write(`\n[harness] run #${id}: ${cmd}\n`);
+      this.logFile.write(`\n[harness] run #${id}: ${cmd}\n`);
       this.child.stdin?.write(`${id}:${guestTimeoutS}:${cmd}\n`);
       const seg = (): string => this.console.slice(start).replace(/\r/g, "");
       await this.waitFor(() => endRe.test(seg()), timeoutMs + 5_000, `the answer to "${cmd}"`);
@@ -569,7 +569,7 @@ export class Guest {
     }
     this.qmpClient?.close();
     this.child.stdin?.destroy();
-    await new Promise<void>((resolve) => this.log.end(resolve));
+    await new Promise<void>((resolve) => this.logFile.end(resolve));
     if (this.ownsWorkDir) {
       // Keep the log (it lives beside the work dir) but drop sockets.
       await rm(this.workDir, { recursive: true, force: true });

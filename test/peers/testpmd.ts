@@ -279,7 +279,7 @@ export class Testpmd {
   readonly socketPath: string;
 
   private readonly child: ChildProcess;
-  private readonly log: WriteStream;
+  private readonly logFile: WriteStream;
   private readonly opts: TestpmdOptions;
   private out = "";
   private recent = "";
@@ -302,8 +302,8 @@ export class Testpmd {
     this.socketPath = opts.vdev.kind === "vhost" ? opts.vdev.iface : opts.vdev.path;
     const stdbuf = findExecutable("stdbuf", ["/usr/bin/stdbuf"]);
     this.argv = [stdbuf, "-o0", "-e0", binary, ...testpmdArgs(opts, filePrefix)];
-    this.log = createWriteStream(logPath);
-    this.log.write(`$ ${this.argv.join(" ")}\n`);
+    this.logFile = createWriteStream(logPath);
+    this.logFile.write(`$ ${this.argv.join(" ")}\n`);
     this.child = spawn(this.argv[0] ?? stdbuf, this.argv.slice(1), {
       stdio: ["pipe", "pipe", "pipe"],
     });
@@ -313,7 +313,7 @@ export class Testpmd {
       const s = chunk.toString("utf8");
       if (isStdout) this.out += s;
       this.recent = (this.recent + s).slice(-16_000);
-      this.log.write(s);
+      this.logFile.write(s);
       this.wake();
     };
     this.child.stdout?.on("data", onData(true));
@@ -324,13 +324,13 @@ export class Testpmd {
     this.exitPromise = new Promise((resolve) => {
       this.child.on("exit", (code, signal) => {
         this.exited = { code, signal };
-        this.log.write(`\n[harness] testpmd exited code=${code} signal=${signal}\n`);
+        this.logFile.write(`\n[harness] testpmd exited code=${code} signal=${signal}\n`);
         this.wake();
         resolve();
       });
       this.child.on("error", (err) => {
         this.exited = { code: null, signal: null };
-        this.log.write(`\n[harness] spawn error: ${err.message}\n`);
+        this.logFile.write(`\n[harness] spawn error: ${err.message}\n`);
         this.wake();
         resolve();
       });
@@ -459,7 +459,7 @@ export class Testpmd {
         throw new Error(`testpmd ${this.filePrefix}: cannot send "${cmd}": process exited`);
       }
       const start = this.out.length;
-      this.log.write(`\n[harness] command: ${cmd}\n`);
+      this.logFile.write(`\n[harness] command: ${cmd}\n`);
       this.child.stdin.write(cmd === "" ? `${SENTINEL_CMD}\n` : `${cmd}\n${SENTINEL_CMD}\n`);
       await this.waitFor(
         () => this.out.indexOf(SENTINEL_OUT, start) >= 0,
@@ -642,7 +642,7 @@ export class Testpmd {
       const st = await lstat(this.socketPath).catch(() => undefined);
       if (st?.isSocket() === true) await rm(this.socketPath, { force: true });
     }
-    await new Promise<void>((resolve) => this.log.end(resolve));
+    await new Promise<void>((resolve) => this.logFile.end(resolve));
   }
 }
 
