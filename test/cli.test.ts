@@ -152,6 +152,13 @@ test("cli: bad command lines get a clear error and exit status 2", () => {
     [["switch", "--busy-poll", "2000"], /--busy-poll must be .*got 2000/],
     [["stats", "--bogus"], /Unknown option '--bogus'/],
     [["migrate", "--bogus"], /--bogus/],
+    [
+      ["check", "--bogus"],
+      /vhostkit check: Unknown option '--bogus'.*\nTry 'vhostkit check --help'/,
+    ],
+    [["check"], /vhostkit check: SOCKET \(or --listen PATH\) is required/],
+    [["check", "/tmp/a", "/tmp/b"], /one SOCKET expected, got 2/],
+    [["switch", "--mtu", "x"], /vhostkit switch: --mtu .*\nTry 'vhostkit switch --help'/],
     [["switch", "--socket", "/tmp/a", "--uplink", "bogus:x"], /--uplink bogus:x: .*kind/],
   ];
   for (const [args, re] of cases) {

@@ -4,7 +4,7 @@
  * did, 2 when the back-end could not be checked or the command line is wrong.
  */
 import { parseArgs } from "node:util";
-import { ExitCode, UsageError } from "./common.js";
+import { ExitCode, UsageError, isUsageError, reportUsageError } from "./common.js";
 import type { CliIo } from "./common.js";
 import { PROFILE_NAMES } from "../tools/check/profiles.js";
 import type { ProfileName } from "../tools/check/profiles.js";
@@ -101,14 +101,7 @@ export async function runCheck(argv: string[], io: CliIo): Promise<number> {
   try {
     parsed = parse(argv);
   } catch (err) {
-    const code = (err as { code?: unknown }).code;
-    if (
-      err instanceof UsageError ||
-      (typeof code === "string" && code.startsWith("ERR_PARSE_ARGS"))
-    ) {
-      io.stderr(`vhostkit check: ${(err as Error).message}\nTry 'vhostkit check --help'.\n`);
-      return ExitCode.USAGE;
-    }
+    if (isUsageError(err)) return reportUsageError(io, "check", err);
     throw err;
   }
   const { values, socket } = parsed;

@@ -35,7 +35,7 @@ import { migrateSource, receiveMigration } from "../orchestrator/index.js";
 import { SeqTrafficGuest } from "../orchestrator/traffic.js";
 import { MigrationError } from "../orchestrator/source.js";
 import type { MigrationProgress, MigrationResult } from "../orchestrator/source.js";
-import { ExitCode, UsageError, processIo } from "./common.js";
+import { ExitCode, UsageError, isUsageError, processIo } from "./common.js";
 import type { CliIo } from "./common.js";
 
 const USAGE = `usage:
@@ -567,10 +567,7 @@ export async function runMigrate(argv: string[], io: CliIo = processIo()): Promi
     }
     return await runClient(io, argv);
   } catch (err) {
-    if (
-      err instanceof UsageError ||
-      (err as { code?: string }).code?.startsWith("ERR_PARSE_ARGS")
-    ) {
+    if (isUsageError(err)) {
       io.stderr(`${(err as Error).message}\n${USAGE}`);
       return ExitCode.USAGE;
     }

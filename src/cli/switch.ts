@@ -27,6 +27,8 @@ import type { UplinkSpec } from "../net/uplink.js";
 import {
   ExitCode,
   UsageError,
+  isUsageError,
+  reportUsageError,
   controlPathFor,
   defaultSocketPath,
   ensurePrivateDir,
@@ -95,12 +97,6 @@ export interface SwitchCommandOptions {
   help: boolean;
 }
 
-function isParseArgsError(err: unknown): err is Error & { code: string } {
-  if (!(err instanceof Error)) return false;
-  const code: unknown = (err as Error & { code?: unknown }).code;
-  return typeof code === "string" && code.startsWith("ERR_PARSE_ARGS");
-}
-
 /**
  * Parse the arguments of `vhostkit switch`.
  * @param argv the arguments after `switch`
@@ -136,7 +132,7 @@ export function parseSwitchArgs(
       },
     }).values;
   } catch (err) {
-    if (isParseArgsError(err)) throw new UsageError(err.message);
+    if (isUsageError(err)) throw new UsageError((err as Error).message);
     throw err;
   }
   const given = v.socket ?? [];
@@ -365,9 +361,8 @@ export async function runSwitch(argv: string[], io: CliIo, signal?: AbortSignal)
   try {
     o = parseSwitchArgs(argv, io.env);
   } catch (err) {
-    if (!(err instanceof UsageError)) throw err;
-    io.stderr(`vhostkit switch: ${err.message}\nTry 'vhostkit switch --help'.\n`);
-    return ExitCode.USAGE;
+    if (!isUsageError(err)) throw err;
+    return reportUsageError(io, "switch", err);
   }
   if (o.help) {
     io.stdout(SWITCH_USAGE);
