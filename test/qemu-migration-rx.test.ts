@@ -33,23 +33,24 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import { Switch } from "../src/net/switch.js";
 import { addVhostUserPort } from "../src/net/virtio-net.js";
 import type { VhostUserPort } from "../src/net/virtio-net.js";
-import { openUplink, parseUplinkSpec } from "../src/net/uplink.js";
-import type { Uplink } from "../src/net/uplink.js";
 import { parseMac } from "../src/net/frame.js";
 import type { PortCounters } from "../src/net/port.js";
 import { arpRequest, attachTestGuest, icmpEcho, ipv4 } from "./fixtures/switch-frames.js";
 import type { TestGuest } from "./fixtures/switch-frames.js";
 import { LineLogger } from "./helpers.js";
-import { buildGuestImage } from "./peers/guest-image.js";
 import { freeTcpPort, startGuest } from "./peers/qemu.js";
 import type { Guest, MigrationInfo } from "./peers/qemu.js";
+import {
+  differingPages,
+  joinOverVxlan,
+  startMigrationPair,
+  withRig,
+} from "./fixtures/qemu-migration-rig.js";
 
 const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 const skipUnlessRoot = isRoot ? false : "needs root (CI runs as root)";
@@ -58,6 +59,8 @@ const GUEST_MAC = "52:54:00:12:34:01";
 const GUEST_IP = "192.0.2.1";
 const SENDER_MAC = "52:54:00:12:34:99";
 const SENDER_IP = "192.0.2.9";
+/** The guest's RAM (the harness's default). */
+const GUEST_MEM_MIB = 256;
 /** Echo ids carry the high bits of the sequence number, from this base. */
 const ID_BASE = 0x4000;
 
@@ -214,211 +217,186 @@ test(
   "QEMU live migration while the guest receives numbered frames at full rate: none duplicated, every delivered frame reaches the guest once",
   { skip: skipUnlessRoot, timeout: 180_000 },
   async () => {
-    const dir = await mkdtemp(join(tmpdir(), "vk-qmigrx-"));
     const log = new LineLogger();
-    const guests: Guest[] = [];
-    const cleanups: (() => Promise<void> | void)[] = [];
-    try {
-      const swA = new Switch({ logger: log });
-      const swB = new Switch({ logger: log });
-      cleanups.push(
-        () => swA.close(),
-        () => swB.close(),
-      );
-      const pA = await freeTcpPort();
-      const pB = await freeTcpPort();
-      const vxA: Uplink = await openUplink(
-        swA,
-        parseUplinkSpec(`vxlan:vni=43,local=127.0.0.1,remote=127.0.0.1,port=${pA},dstport=${pB}`),
-        log,
-      );
-      const vxB: Uplink = await openUplink(
-        swB,
-        parseUplinkSpec(`vxlan:vni=43,local=127.0.0.1,remote=127.0.0.1,port=${pB},dstport=${pA}`),
-        log,
-      );
-      cleanups.push(
-        () => vxA.close(),
-        () => vxB.close(),
-      );
-      const sockA = join(dir, "a.sock");
-      const sockB = join(dir, "b.sock");
-      const sockA2 = join(dir, "a2.sock");
-      const portA: VhostUserPort = addVhostUserPort(swA, {
-        path: sockA,
-        name: "vm-a",
-        logger: log,
-      });
-      const portB: VhostUserPort = addVhostUserPort(swB, {
-        path: sockB,
-        name: "vm-b",
-        logger: log,
-      });
-      const portA2: VhostUserPort = addVhostUserPort(swA, {
-        path: sockA2,
-        name: "vm-a2",
-        logger: log,
-      });
-      cleanups.push(
-        () => portA.close(),
-        () => portB.close(),
-        () => portA2.close(),
-      );
-      const sender = await attachTestGuest(swA, SENDER_MAC);
-      cleanups.push(() => sender.close());
-      const stream = new Stream(sender);
-      stream.start();
-      cleanups.push(() => stream.stop());
+    await withRig("vk-qmigrx-", async (rig) => {
+      const { dir, cleanups } = rig;
+      try {
+        const swA = new Switch({ logger: log });
+        const swB = new Switch({ logger: log });
+        cleanups.push(
+          () => swA.close(),
+          () => swB.close(),
+        );
+        const [vxA, vxB] = await joinOverVxlan(rig, swA, swB, 43, log);
+        const sockA = join(dir, "a.sock");
+        const sockB = join(dir, "b.sock");
+        const sockA2 = join(dir, "a2.sock");
+        const portA: VhostUserPort = addVhostUserPort(swA, {
+          path: sockA,
+          name: "vm-a",
+          logger: log,
+        });
+        const portB: VhostUserPort = addVhostUserPort(swB, {
+          path: sockB,
+          name: "vm-b",
+          logger: log,
+        });
+        const portA2: VhostUserPort = addVhostUserPort(swA, {
+          path: sockA2,
+          name: "vm-a2",
+          logger: log,
+        });
+        cleanups.push(
+          () => portA.close(),
+          () => portB.close(),
+          () => portA2.close(),
+        );
+        const sender = await attachTestGuest(swA, SENDER_MAC);
+        cleanups.push(() => sender.close());
+        const stream = new Stream(sender);
+        stream.start();
+        cleanups.push(() => stream.stop());
 
-      const nic = { guestAnnounceOff: true, guestAddrs: [`${GUEST_IP}/24`], mac: GUEST_MAC };
-      const image = await buildGuestImage();
-      const src = await startGuest({
-        image,
-        name: "migrx-src",
-        nics: [{ socketPath: sockA, ...nic }],
-      });
-      guests.push(src);
-      const port = await freeTcpPort();
-      const dst = await startGuest({
-        image,
-        name: "migrx-dst",
-        incoming: `tcp:127.0.0.1:${port}`,
-        nics: [{ socketPath: sockB, ...nic }],
-      });
-      guests.push(dst);
-      await src.ready(90_000);
-      await dst.waitStatus("inmigrate", 30_000);
+        const nic = { guestAnnounceOff: true, guestAddrs: [`${GUEST_IP}/24`], mac: GUEST_MAC };
+        const { src, dst, port, image } = await startMigrationPair(rig, {
+          names: ["migrx-src", "migrx-dst"],
+          srcSocket: sockA,
+          dstSocket: sockB,
+          nic,
+          dstArgs: ["-S"],
+        });
 
-      // The guest learns the sender's MAC (an ARP request to it) and answers, so switch A
-      // learns the guest's MAC on vm-a; one echo checks the path.
-      sender.send(arpRequest(SENDER_MAC, SENDER_IP, GUEST_IP));
-      await until(
-        () => swA.macTable().find((e) => e.mac === GUEST_MAC)?.port === "vm-a",
-        "switch A to learn the guest's MAC",
-        15_000,
-      );
-      const before = await guestCounters(src);
-      const upA = swA.port(vxA.name);
-      const upB = swB.port(vxB.name);
-      assert.ok(upA !== undefined && upB !== undefined, "the VXLAN ports are on the switches");
-      const a0 = snapshot(portA.device.counters);
-      const b0 = snapshot(portB.device.counters);
-      const a20 = snapshot(portA2.device.counters);
-      const vxA0 = snapshot(upA.counters);
-      const vxB0 = snapshot(upB.counters);
-      const arp0 = stream.arpSent;
+        // The guest learns the sender's MAC (an ARP request to it) and answers, so switch A
+        // learns the guest's MAC on vm-a; one echo checks the path.
+        sender.send(arpRequest(SENDER_MAC, SENDER_IP, GUEST_IP));
+        await until(
+          () => swA.macTable().find((e) => e.mac === GUEST_MAC)?.port === "vm-a",
+          "switch A to learn the guest's MAC",
+          15_000,
+        );
+        const before = await guestCounters(src);
+        const upA = swA.port(vxA.name);
+        const upB = swB.port(vxB.name);
+        assert.ok(upA !== undefined && upB !== undefined, "the VXLAN ports are on the switches");
+        const a0 = snapshot(portA.device.counters);
+        const b0 = snapshot(portB.device.counters);
+        const a20 = snapshot(portA2.device.counters);
+        const vxA0 = snapshot(upA.counters);
+        const vxB0 = snapshot(upB.counters);
+        const arp0 = stream.arpSent;
 
-      stream.running = true;
-      await sleep(1500);
-      const sentAtStart = stream.sent;
-      const info: MigrationInfo = await src.migrate(`tcp:127.0.0.1:${port}`, 60_000);
-      assert.equal(info.status, "completed", `migration: ${JSON.stringify(info)}`);
-      const sentAtSwitchOver = stream.sent;
-      await dst.waitStatus("running", 30_000);
-      await sleep(2000);
-      stream.running = false;
-      // Let the guest drain its ring and the replies come back.
-      await sleep(2000);
-      const after = await guestCounters(dst);
+        stream.running = true;
+        await sleep(1500);
+        const sentAtStart = stream.sent;
+        const info: MigrationInfo = await src.migrate(`tcp:127.0.0.1:${port}`, 60_000);
+        assert.equal(info.status, "completed", `migration: ${JSON.stringify(info)}`);
+        const sentAtSwitchOver = stream.sent;
+        // The destination stays paused (-S) until its memory was compared with the source's.
+        await dst.waitStatus("paused", 30_000);
+        const stale = await differingPages(rig, src, dst, GUEST_MEM_MIB << 20);
+        await dst.qmp("cont");
+        await dst.waitStatus("running", 30_000);
+        const rings = portA.server.session?.vrings.map((v) => ({ index: v.index, ...v.addr }));
+        const regions = portA.server.session
+          ?.memory()
+          ?.regions.map((r) => ({ gpa: r.gpa, uaddr: r.uaddr, size: r.size }));
+        console.log(
+          `pages that differ between source and destination: ${JSON.stringify(stale.slice(0, 4))}; rings ${JSON.stringify(rings)}; regions ${JSON.stringify(regions)}`,
+        );
+        await sleep(2000);
+        stream.running = false;
+        // Let the guest drain its ring and the replies come back.
+        await sleep(2000);
+        const after = await guestCounters(dst);
 
-      const delivered =
-        portA.device.counters.txPackets -
-        a0.txPackets +
-        (portB.device.counters.txPackets - b0.txPackets);
-      const preRingDrops =
-        dropsOf(portA.device.counters) -
-        dropsOf(a0) +
-        (dropsOf(portB.device.counters) - dropsOf(b0)) +
-        (dropsOf(portA2.device.counters) - dropsOf(a20));
-      const vxlanLost =
-        upA.counters.txPackets - vxA0.txPackets - (upB.counters.rxPackets - vxB0.rxPackets);
-      const vxDrops =
-        dropsOf(upA.counters) - dropsOf(vxA0) + (dropsOf(upB.counters) - dropsOf(vxB0));
-      const rx = after.rxPackets - before.rxPackets;
-      const inEchos = after.inEchos - before.inEchos;
-      const outEchoReps = after.outEchoReps - before.outEchoReps;
-      const arpToGuest = stream.arpSent - arp0;
-      const dups = [...stream.replies].filter(([, c]) => c > 1).map(([s]) => s);
-      const lateReplies = [...stream.replies.keys()].filter((s) => s >= sentAtSwitchOver).length;
-      console.log(
-        `full-rate RX migration: downtime ${info.downtimeMs} ms, total ${info.totalTimeMs} ms; ` +
-          `sent ${stream.sent} (${sentAtStart} before the migration, ${sentAtSwitchOver} at ` +
-          `the switch-over); delivered into the guest's rings ${delivered} (A ` +
-          `${portA.device.counters.txPackets - a0.txPackets}, B ` +
-          `${portB.device.counters.txPackets - b0.txPackets}); dropped before a ring ` +
-          `${preRingDrops} (A ${JSON.stringify(portA.device.counters.drops)}, B ` +
-          `${JSON.stringify(portB.device.counters.drops)}); VXLAN lost ${vxlanLost}, ` +
-          `uplink drops ${vxDrops} (B ${JSON.stringify(upB.counters.drops)}); sender port rx ${sender.port.device.counters.rxPackets}; guest rx ${rx}, InEchos ${inEchos}, OutEchoReps ` +
-          `${outEchoReps}; ARP to the guest ${arpToGuest}; replies ${stream.replies.size}, ` +
-          `${lateReplies} for numbers sent after the switch-over`,
-      );
-      assert.deepEqual(dups, [], "no sequence number answered twice");
-      for (const s of stream.replies.keys()) assert.ok(s < stream.sent, `reply ${s} was sent`);
-      // Every completion into the guest's rings reached the guest's driver exactly once.
-      assert.equal(rx, delivered, "guest eth0 rx_packets = frames the devices completed");
-      assert.ok(
-        rx - inEchos >= 0 && rx - inEchos <= arpToGuest,
-        `every delivered frame but the sender's ARP is an echo request the guest counted (rx ${rx}, InEchos ${inEchos}, ARP ${arpToGuest})`,
-      );
-      // Nothing vanished between the sender and the guest other than counted drops: every
-      // frame sent is in the guest's rx_packets, or was dropped by a port before a receive ring
-      // (no receive buffer, hairpin at switch B while the MAC still pointed at the uplink), or
-      // was lost by VXLAN over loopback (uplink A sent minus uplink B received).
-      assert.equal(
-        stream.sent + arpToGuest - rx,
-        preRingDrops + vxlanLost + vxDrops,
-        "frames that did not reach the guest = counted drops before a ring + VXLAN losses",
-      );
-      // The guest's own reply path may skip replies (its ICMP transmit lock is a trylock in
-      // softirq context), so the replies are a subset: no more than the guest counted.
-      assert.ok(inEchos > 0, "the guest received echo requests");
-      assert.ok(
-        stream.replies.size <= outEchoReps && outEchoReps <= inEchos,
-        `replies (${stream.replies.size}) <= OutEchoReps (${outEchoReps}) <= InEchos (${inEchos})`,
-      );
-      assert.ok(lateReplies > 0, "the stream reached the guest on the destination");
-      assert.ok(
-        log.lines.some((l) => l.includes(sockA) && /dirty logging on/.test(l)),
-        "VHOST_F_LOG_ALL on the source",
-      );
+        const delivered =
+          portA.device.counters.txPackets -
+          a0.txPackets +
+          (portB.device.counters.txPackets - b0.txPackets);
+        const preRingDrops =
+          dropsOf(portA.device.counters) -
+          dropsOf(a0) +
+          (dropsOf(portB.device.counters) - dropsOf(b0)) +
+          (dropsOf(portA2.device.counters) - dropsOf(a20));
+        const vxlanLost =
+          upA.counters.txPackets - vxA0.txPackets - (upB.counters.rxPackets - vxB0.rxPackets);
+        const vxDrops =
+          dropsOf(upA.counters) - dropsOf(vxA0) + (dropsOf(upB.counters) - dropsOf(vxB0));
+        const rx = after.rxPackets - before.rxPackets;
+        const inEchos = after.inEchos - before.inEchos;
+        const outEchoReps = after.outEchoReps - before.outEchoReps;
+        const arpToGuest = stream.arpSent - arp0;
+        const dups = [...stream.replies].filter(([, c]) => c > 1).map(([s]) => s);
+        const lateReplies = [...stream.replies.keys()].filter((s) => s >= sentAtSwitchOver).length;
+        console.log(
+          `full-rate RX migration: downtime ${info.downtimeMs} ms, total ${info.totalTimeMs} ms; ` +
+            `sent ${stream.sent} (${sentAtStart} before the migration, ${sentAtSwitchOver} at ` +
+            `the switch-over); delivered into the guest's rings ${delivered} (A ` +
+            `${portA.device.counters.txPackets - a0.txPackets}, B ` +
+            `${portB.device.counters.txPackets - b0.txPackets}); dropped before a ring ` +
+            `${preRingDrops} (A ${JSON.stringify(portA.device.counters.drops)}, B ` +
+            `${JSON.stringify(portB.device.counters.drops)}); VXLAN lost ${vxlanLost}, ` +
+            `uplink drops ${vxDrops} (B ${JSON.stringify(upB.counters.drops)}); sender port rx ${sender.port.device.counters.rxPackets}; guest rx ${rx}, InEchos ${inEchos}, OutEchoReps ` +
+            `${outEchoReps}; ARP to the guest ${arpToGuest}; replies ${stream.replies.size}, ` +
+            `${lateReplies} for numbers sent after the switch-over`,
+        );
+        assert.deepEqual(dups, [], "no sequence number answered twice");
+        for (const s of stream.replies.keys()) assert.ok(s < stream.sent, `reply ${s} was sent`);
+        // Every completion into the guest's rings reached the guest's driver exactly once.
+        assert.equal(rx, delivered, "guest eth0 rx_packets = frames the devices completed");
+        assert.ok(
+          rx - inEchos >= 0 && rx - inEchos <= arpToGuest,
+          `every delivered frame but the sender's ARP is an echo request the guest counted (rx ${rx}, InEchos ${inEchos}, ARP ${arpToGuest})`,
+        );
+        // Nothing vanished between the sender and the guest other than counted drops: every
+        // frame sent is in the guest's rx_packets, or was dropped by a port before a receive ring
+        // (no receive buffer, hairpin at switch B while the MAC still pointed at the uplink), or
+        // was lost by VXLAN over loopback (uplink A sent minus uplink B received).
+        assert.equal(
+          stream.sent + arpToGuest - rx,
+          preRingDrops + vxlanLost + vxDrops,
+          "frames that did not reach the guest = counted drops before a ring + VXLAN losses",
+        );
+        // The guest's own reply path may skip replies (its ICMP transmit lock is a trylock in
+        // softirq context), so the replies are a subset: no more than the guest counted.
+        assert.ok(inEchos > 0, "the guest received echo requests");
+        assert.ok(
+          stream.replies.size <= outEchoReps && outEchoReps <= inEchos,
+          `replies (${stream.replies.size}) <= OutEchoReps (${outEchoReps}) <= InEchos (${inEchos})`,
+        );
+        assert.ok(lateReplies > 0, "the stream reached the guest on the destination");
+        assert.ok(
+          log.lines.some((l) => l.includes(sockA) && /dirty logging on/.test(l)),
+          "VHOST_F_LOG_ALL on the source",
+        );
 
-      // The same guest without traffic: back from B to a fresh QEMU on A.
-      const port2 = await freeTcpPort();
-      const back = await startGuest({
-        image,
-        name: "migrx-back",
-        incoming: `tcp:127.0.0.1:${port2}`,
-        nics: [{ socketPath: sockA2, ...nic }],
-      });
-      guests.push(back);
-      await back.waitStatus("inmigrate", 30_000);
-      const idle = await dst.migrate(`tcp:127.0.0.1:${port2}`, 60_000);
-      assert.equal(idle.status, "completed", `migration back: ${JSON.stringify(idle)}`);
-      await back.waitStatus("running", 30_000);
-      const ratio =
-        info.downtimeMs !== undefined && idle.downtimeMs !== undefined && idle.downtimeMs > 0
-          ? (info.downtimeMs / idle.downtimeMs).toFixed(2)
-          : "n/a";
-      console.log(
-        `QEMU downtime with full-rate RX ${info.downtimeMs} ms, without traffic ` +
-          `${idle.downtimeMs} ms (ratio ${ratio})`,
-      );
-    } catch (e) {
-      if (e instanceof Error) {
-        e.message += `\n(QEMU logs: ${guests.map((g) => g.logPath).join(", ")})`;
-        e.message += `\n(switch log tail:\n${log.lines.slice(-30).join("\n")})`;
-      }
-      throw e;
-    } finally {
-      for (const g of guests) await g.kill().catch(() => undefined);
-      for (const c of cleanups.reverse()) {
-        try {
-          await c();
-        } catch {
-          // best effort: keep cleaning up
+        // The same guest without traffic: back from B to a fresh QEMU on A.
+        const port2 = await freeTcpPort();
+        const back = await startGuest({
+          image,
+          name: "migrx-back",
+          incoming: `tcp:127.0.0.1:${port2}`,
+          nics: [{ socketPath: sockA2, ...nic }],
+        });
+        rig.guests.push(back);
+        await back.waitStatus("inmigrate", 30_000);
+        const idle = await dst.migrate(`tcp:127.0.0.1:${port2}`, 60_000);
+        assert.equal(idle.status, "completed", `migration back: ${JSON.stringify(idle)}`);
+        await back.waitStatus("running", 30_000);
+        const ratio =
+          info.downtimeMs !== undefined && idle.downtimeMs !== undefined && idle.downtimeMs > 0
+            ? (info.downtimeMs / idle.downtimeMs).toFixed(2)
+            : "n/a";
+        console.log(
+          `QEMU downtime with full-rate RX ${info.downtimeMs} ms, without traffic ` +
+            `${idle.downtimeMs} ms (ratio ${ratio})`,
+        );
+      } catch (e) {
+        if (e instanceof Error) {
+          e.message += `\n(switch log tail:\n${log.lines.slice(-30).join("\n")})`;
         }
+        throw e;
       }
-      await rm(dir, { recursive: true, force: true });
-    }
+    });
   },
 );

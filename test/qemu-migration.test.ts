@@ -11,26 +11,22 @@
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-import type { Logger } from "../src/backend/device.js";
 import { Switch } from "../src/net/switch.js";
 import { addVhostUserPort } from "../src/net/virtio-net.js";
 import type { VhostUserPort } from "../src/net/virtio-net.js";
 import { openUplink, parseUplinkSpec } from "../src/net/uplink.js";
-import type { Uplink } from "../src/net/uplink.js";
 import { newPortCounters, newPortOffloads } from "../src/net/port.js";
 import type { Frame, SwitchPort } from "../src/net/port.js";
 import { formatMac } from "../src/net/frame.js";
-import { buildGuestImage } from "./peers/guest-image.js";
 import { createNetns, ifName, ip } from "./peers/netns.js";
 import type { Netns } from "./peers/netns.js";
-import { freeTcpPort, startGuest } from "./peers/qemu.js";
 import type { Guest, MigrationInfo } from "./peers/qemu.js";
 import { startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
+import { joinOverVxlan, startMigrationPair, withRig } from "./fixtures/qemu-migration-rig.js";
+import { LineLogger } from "./helpers.js";
 
 const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 const skipUnlessRoot = isRoot ? false : "needs root (CI runs as root)";
@@ -38,6 +34,8 @@ const skipUnlessRoot = isRoot ? false : "needs root (CI runs as root)";
 const GUEST_MAC = "52:54:00:12:34:01";
 const GUEST_IP = "192.0.2.1/24";
 const PEER_IP = "192.0.2.2";
+/** The guest's NIC on both sides: QEMU sends SEND_RARP after the migration. */
+const NIC = { guestAnnounceOff: true, guestAddrs: [GUEST_IP], mac: GUEST_MAC };
 /** Pings lost across the migration that still count as "a few". */
 const MAX_LOST = 5;
 
@@ -50,27 +48,6 @@ async function until(cond: () => boolean, what: string, ms: number): Promise<voi
   while (!cond()) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await sleep(20);
-  }
-}
-
-/** A logger keeping the last lines (shown when the test fails). */
-class TailLogger implements Logger {
-  readonly lines: string[] = [];
-  #add(level: string, m: string): void {
-    this.lines.push(`${level} ${m}`);
-    if (this.lines.length > 5000) this.lines.shift();
-  }
-  debug(m: string): void {
-    this.#add("debug", m);
-  }
-  info(m: string): void {
-    this.#add("info", m);
-  }
-  warn(m: string): void {
-    this.#add("warn", m);
-  }
-  error(m: string): void {
-    this.#add("error", m);
   }
 }
 
@@ -129,34 +106,6 @@ async function migrateWhilePinging(
   return { info, ping: parsePing(r.output), output: r.output };
 }
 
-interface Rig {
-  dir: string;
-  guests: Guest[];
-  cleanups: (() => Promise<void> | void)[];
-}
-
-async function withRig(fn: (rig: Rig) => Promise<void>): Promise<void> {
-  const rig: Rig = { dir: await mkdtemp(join(tmpdir(), "vk-qmig-")), guests: [], cleanups: [] };
-  try {
-    await fn(rig);
-  } catch (e) {
-    if (e instanceof Error) {
-      e.message += `\n(QEMU logs: ${rig.guests.map((g) => g.logPath).join(", ")})`;
-    }
-    throw e;
-  } finally {
-    for (const g of rig.guests) await g.kill().catch(() => undefined);
-    for (const c of rig.cleanups.reverse()) {
-      try {
-        await c();
-      } catch {
-        // best effort: keep cleaning up
-      }
-    }
-    await rm(rig.dir, { recursive: true, force: true });
-  }
-}
-
 /** Downtimes measured here, printed side by side by the last test. */
 const downtimes: {
   backend: string;
@@ -169,8 +118,8 @@ test(
   "QEMU live migration between two vhostkit switches: pings go on, RARP moves the MAC",
   { skip: skipUnlessRoot, timeout: 240_000 },
   () =>
-    withRig(async (rig) => {
-      const log = new TailLogger();
+    withRig("vk-qmig-", async (rig) => {
+      const log = new LineLogger();
       const swA = new Switch({ logger: log });
       const swB = new Switch({ logger: log });
       rig.cleanups.push(
@@ -178,22 +127,7 @@ test(
         () => swB.close(),
       );
       // Uplink A <-> B: VXLAN over loopback.
-      const pA = await freeTcpPort();
-      const pB = await freeTcpPort();
-      const vxA: Uplink = await openUplink(
-        swA,
-        parseUplinkSpec(`vxlan:vni=42,local=127.0.0.1,remote=127.0.0.1,port=${pA},dstport=${pB}`),
-        log,
-      );
-      const vxB: Uplink = await openUplink(
-        swB,
-        parseUplinkSpec(`vxlan:vni=42,local=127.0.0.1,remote=127.0.0.1,port=${pB},dstport=${pA}`),
-        log,
-      );
-      rig.cleanups.push(
-        () => vxA.close(),
-        () => vxB.close(),
-      );
+      const [vxA] = await joinOverVxlan(rig, swA, swB, 42, log);
       // The peer: a host in a test namespace behind a TAP uplink of switch A.
       const tapName = ifName("vkmt");
       const tap = await openUplink(swA, parseUplinkSpec(`tap:${tapName}`), log);
@@ -221,24 +155,12 @@ test(
         () => portA.close(),
         () => portB.close(),
       );
-      const nic = { guestAnnounceOff: true, guestAddrs: [GUEST_IP], mac: GUEST_MAC };
-      const image = await buildGuestImage();
-      const src = await startGuest({
-        image,
-        name: "mig-src",
-        nics: [{ socketPath: sockA, ...nic }],
+      const { src, dst, port } = await startMigrationPair(rig, {
+        names: ["mig-src", "mig-dst"],
+        srcSocket: sockA,
+        dstSocket: sockB,
+        nic: NIC,
       });
-      rig.guests.push(src);
-      const port = await freeTcpPort();
-      const dst = await startGuest({
-        image,
-        name: "mig-dst",
-        incoming: `tcp:127.0.0.1:${port}`,
-        nics: [{ socketPath: sockB, ...nic }],
-      });
-      rig.guests.push(dst);
-      await src.ready(90_000);
-      await dst.waitStatus("inmigrate", 30_000);
       try {
         const { info, ping, output } = await migrateWhilePinging(src, dst, port);
         const lost = ping.sent - ping.received;
@@ -298,7 +220,7 @@ test(
   "the same migration with DPDK testpmd's vhost PMD (icmpecho) as the back-ends; downtimes side by side",
   { skip: skipUnlessRoot, timeout: 240_000 },
   () =>
-    withRig(async (rig) => {
+    withRig("vk-qmig-", async (rig) => {
       const sockA = join(rig.dir, "tpa.sock");
       const sockB = join(rig.dir, "tpb.sock");
       const tps: Testpmd[] = [];
@@ -319,24 +241,12 @@ test(
         await tp.ready();
         await tp.start();
       }
-      const nic = { guestAnnounceOff: true, guestAddrs: [GUEST_IP], mac: GUEST_MAC };
-      const image = await buildGuestImage();
-      const src = await startGuest({
-        image,
-        name: "tp-src",
-        nics: [{ socketPath: sockA, ...nic }],
+      const { src, dst, port } = await startMigrationPair(rig, {
+        names: ["tp-src", "tp-dst"],
+        srcSocket: sockA,
+        dstSocket: sockB,
+        nic: NIC,
       });
-      rig.guests.push(src);
-      const port = await freeTcpPort();
-      const dst = await startGuest({
-        image,
-        name: "tp-dst",
-        incoming: `tcp:127.0.0.1:${port}`,
-        nics: [{ socketPath: sockB, ...nic }],
-      });
-      rig.guests.push(dst);
-      await src.ready(90_000);
-      await dst.waitStatus("inmigrate", 30_000);
       const { info, ping, output } = await migrateWhilePinging(src, dst, port);
       const lost = ping.sent - ping.received;
       downtimes.push({
