@@ -26,7 +26,7 @@ import {
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
 import { checkGate, failureReply, requestSpec, hasExplicitReply } from "../protocol/table.js";
-import type { AnyRequestSpec, FrontendReplyPayloads } from "../protocol/table.js";
+import type { AnyRequestSpec, FrontendReplyPayloads, HandlerReply } from "../protocol/table.js";
 import {
   checkDeviceStateParams,
   decodePackedVringBase,
@@ -217,7 +217,7 @@ type Handler<R extends FrontendRequest> =
       ): FrontendReplyPayloads[R] | Promise<FrontendReplyPayloads[R]>;
     }
   | {
-      readonly reply: "ack" | "self" | "none";
+      readonly reply: Exclude<HandlerReply, "body">;
       run(session: BackendSession, msg: RequestOf<R>): void | Promise<void>;
     };
 
@@ -226,7 +226,7 @@ type FrontendHandlers = { readonly [R in FrontendRequest]?: Handler<R> };
 
 /** A handler looked up by a request id only known at run time. */
 interface AnyHandler {
-  readonly reply: Handler<FrontendRequest>["reply"];
+  readonly reply: HandlerReply;
   run(session: BackendSession, msg: FrontendMessage): unknown;
 }
 
@@ -900,11 +900,15 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     [FrontendRequest.CHECK_DEVICE_STATE]: { reply: "self", run: (s, m) => s.#checkDeviceState(m) },
   });
 
-  /** The front-end requests this back-end handles, by id; any other one is refused. */
-  static readonly handledRequests: readonly FrontendRequest[] = Object.freeze(
-    Object.keys(this.#handlers)
-      .map(Number)
-      .sort((a, b) => a - b),
+  /**
+   * The front-end requests this back-end handles, by id, each with its reply rule (see
+   * {@link HandlerReply}); any other one is refused ("request not supported by this
+   * back-end"). docs/protocol.md shows it beside the request table.
+   */
+  static readonly handledRequests: ReadonlyMap<FrontendRequest, HandlerReply> = new Map(
+    Object.entries(this.#handlers)
+      .map(([id, h]) => [Number(id) as FrontendRequest, h.reply] as const)
+      .sort((a, b) => a[0] - b[0]),
   );
 
   #setProtocolFeatures(msg: RequestOf<FrontendRequest.SET_PROTOCOL_FEATURES>): void {
