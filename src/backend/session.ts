@@ -4,7 +4,8 @@
  *
  * Requests are handled one at a time, in order. Syntax (sizes, flags, fds) was checked by the
  * channel from the request table; this file checks semantics (negotiated features, ring
- * indices, memory ranges). A request that fails its checks gets a failure reply where a reply
+ * indices, memory ranges). Each request's handler and reply rule are found in the handler
+ * table, `BackendSession.#handlers`, beside the request table's entry. A request that fails its checks gets a failure reply where a reply
  * is due (REPLY_ACK or a reply body), a log line naming the request and the value, and the
  * connection goes on; when no answer is due the front-end cannot be told, and the connection
  * is closed instead. A malformed ring breaks only that ring.
