@@ -4,7 +4,8 @@
  *
  * Requests are handled one at a time, in order. Syntax (sizes, flags, fds) was checked by the
  * channel from the request table; this file checks semantics (negotiated features, ring
- * indices, memory ranges). A request that fails its checks gets a failure reply where a reply
+ * indices, memory ranges). Each request's handler and reply rule are found in the handler
+ * table, `BackendSession.#handlers`, beside the request table's entry. A request that fails its checks gets a failure reply where a reply
  * is due (REPLY_ACK or a reply body), a log line naming the request and the value, and the
  * connection goes on; when no answer is due the front-end cannot be told, and the connection
  * is closed instead. A malformed ring breaks only that ring.
@@ -26,7 +27,7 @@ import {
 } from "../protocol/constants.js";
 import { VhostUserError } from "../protocol/errors.js";
 import { checkGate, failureReply, requestSpec, hasExplicitReply } from "../protocol/table.js";
-import type { AnyRequestSpec } from "../protocol/table.js";
+import type { AnyRequestSpec, FrontendReplyPayloads, HandlerReply } from "../protocol/table.js";
 import {
   checkDeviceStateParams,
   decodePackedVringBase,
@@ -34,7 +35,7 @@ import {
   encodePackedVringBase,
   encodeSplitVringBase,
 } from "../protocol/codecs.js";
-import type { MemoryRegion } from "../protocol/codecs.js";
+import type { ConfigSpace, LogBaseReply, MemoryRegion, VringState } from "../protocol/codecs.js";
 import { Channel } from "../channel.js";
 import type { FrontendRequestMessage as FrontendMessage } from "../protocol/framing.js";
 import { GuestMemory } from "../memory/guest-memory.js";
@@ -199,6 +200,35 @@ function toNumber(value: bigint, request: string, field: string): number {
 
 function badField(request: string, field: string, value: unknown, what: string): VhostUserError {
   return new VhostUserError("ERR_VHOST_BAD_FIELD", what, { request, field, value });
+}
+
+/** A decoded front-end request with id `R` (its payload typed from the request table). */
+type RequestOf<R extends FrontendRequest> = Extract<FrontendMessage, { request: R }>;
+
+/**
+ * One entry of the handler table: what handles request `R` and how its success is answered
+ * (see `BackendSession.#handlers`).
+ */
+type Handler<R extends FrontendRequest> =
+  | {
+      readonly reply: "body";
+      run(
+        session: BackendSession,
+        msg: RequestOf<R>,
+      ): FrontendReplyPayloads[R] | Promise<FrontendReplyPayloads[R]>;
+    }
+  | {
+      readonly reply: Exclude<HandlerReply, "body">;
+      run(session: BackendSession, msg: RequestOf<R>): void | Promise<void>;
+    };
+
+/** The handler table: at most one handler per front-end request. */
+type FrontendHandlers = { readonly [R in FrontendRequest]?: Handler<R> };
+
+/** A handler looked up by a request id only known at run time. */
+interface AnyHandler {
+  readonly reply: HandlerReply;
+  run(session: BackendSession, msg: FrontendMessage): unknown;
 }
 
 /**
@@ -713,323 +743,352 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     }
   }
 
+  /**
+   * Run the request's entry of {@link BackendSession.#handlers}, then answer as its reply rule
+   * says. A request without an entry is refused, its fds closed.
+   */
   async #handle(msg: FrontendMessage): Promise<void> {
-    switch (msg.request) {
-      case FrontendRequest.GET_FEATURES:
-        this.channel.reply(msg.request, this.offeredFeatures());
-        return;
-
-      case FrontendRequest.SET_FEATURES:
-        await this.#setFeatures(msg, msg.payload);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.GET_PROTOCOL_FEATURES:
-        this.channel.reply(msg.request, this.offeredProtocolFeatures());
-        return;
-
-      case FrontendRequest.SET_PROTOCOL_FEATURES: {
-        const unknown = msg.payload & ~this.offeredProtocolFeatures();
-        if (unknown !== 0n) {
-          throw badField(msg.name, "protocol features", unknown, "features not offered");
-        }
-        this.#protocolFeatures = msg.payload;
-        this.channel.setNegotiatedProtocolFeatures(msg.payload);
-        this.logger.info(`${this.name}: protocol features 0x${msg.payload.toString(16)}`);
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_OWNER:
-        this.#owner = true;
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.RESET_OWNER:
-        // Deprecated; the spec recommends disabling all rings and keeping the session.
-        for (const v of this.vrings) v.setEnabled(false);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.RESET_DEVICE:
-        this.#resetDevice();
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.SET_MEM_TABLE:
-        await this.#setMemTable(msg, msg.payload.regions, msg.fds);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.GET_MAX_MEM_SLOTS:
-        this.channel.reply(msg.request, BigInt(BACKEND_MAX_MEM_SLOTS));
-        return;
-
-      case FrontendRequest.ADD_MEM_REG:
-        await this.#addMemReg(msg, msg.payload, msg.fds);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.REM_MEM_REG:
-        for (const fd of msg.fds) native.close(fd);
-        await this.#remMemReg(msg, msg.payload);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.SET_LOG_BASE:
-        await this.#setLogBase(msg);
-        return;
-
-      case FrontendRequest.SET_LOG_FD: {
-        const fd = msg.fds[0];
-        if (this.#logFd >= 0) native.close(this.#logFd);
-        this.#logFd = fd ?? -1;
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_VRING_NUM: {
-        const { index, num } = msg.payload;
-        const vring = this.#vring(msg, index);
-        const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
-        const packed = this.format().packed;
-        if (num === 0 || num > max || (!packed && (num & (num - 1)) !== 0)) {
-          throw badField(
-            msg.name,
-            "num",
-            num,
-            `queue ${index}: size must be ${packed ? "1" : "a power of 2"} up to ${max}`,
-          );
-        }
-        if (vring.started) throw badField(msg.name, "index", index, "queue is running");
-        vring.size = num;
-        vring.broken = null;
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_VRING_ADDR: {
-        const a = msg.payload;
-        const vring = this.#vring(msg, a.index);
-        const addr = {
-          desc: toNumber(a.descUserAddr, msg.name, "desc_user_addr"),
-          avail: toNumber(a.availUserAddr, msg.name, "avail_user_addr"),
-          used: toNumber(a.usedUserAddr, msg.name, "used_user_addr"),
-          log: (a.flags & VRING_F_LOG) !== 0,
-          logGuestAddr: toNumber(a.logGuestAddr, msg.name, "log_guest_addr"),
-        };
-        const mem = this.#memory;
-        if (mem && vring.size > 0) {
-          // Check now so a bad address is reported against this request, not a later kick.
-          this.#checkRingAddresses(msg, vring, addr, mem);
-        }
-        if (addr.log && this.#dirtyLog) {
-          const bad = this.#usedLogBeyond(vring, addr.logGuestAddr, this.#dirtyLog);
-          if (bad)
-            throw badField(msg.name, "log_guest_addr", `0x${addr.logGuestAddr.toString(16)}`, bad);
-        }
-        vring.addr = addr;
-        if (vring.started) {
-          // Logging toggled during migration, or the ring moved: rebuild over the same base
-          // (a worker ring answers once it uses the new addresses and log flag).
-          if (vring.worker) await vring.remapWorker();
-          else vring.rebuild();
-        } else {
-          vring.broken = null;
-        }
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_VRING_BASE: {
-        const { index, num } = msg.payload;
-        const vring = this.#vring(msg, index);
-        if (vring.started) throw badField(msg.name, "index", index, "queue is running");
-        if (this.format().packed) {
-          const b = decodePackedVringBase(num, msg.name);
-          // The full encoding (bits 0-14 avail, 15 avail wrap, 16-30 used, 31 used wrap), as
-          // QEMU sends it. DPDK sends only the avail half: its virtio-user front-end starts a
-          // ring with 0x8000 (avail 0, wrap 1), and its vhost back-end answers GET_VRING_BASE
-          // with the avail half only (lib/vhost/vhost_user.c, vhost_user_get_vring_base) and
-          // takes used = avail on SET_VRING_BASE. That form is taken as such only where it is
-          // unambiguous: nothing above bit 15 and the avail wrap counter 1, which in the full
-          // encoding (used 0, used wrap 0) would put `size` or more descriptors in flight, a
-          // position no stopped ring has. Used 0 with used wrap 0 and avail wrap 0 is a real
-          // position (every other lap) and is kept as sent.
-          const availOnly = num >>> 16 === 0 && b.availWrap;
-          vring.base = availOnly ? { ...b, usedIdx: b.availIdx, usedWrap: b.availWrap } : b;
-        } else {
-          const b = decodeSplitVringBase(num, msg.name);
-          vring.base = { availIdx: b.availIdx };
-        }
-        vring.broken = null;
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.GET_VRING_BASE: {
-        // The request has no failure value (a base is always a valid position): a stop that
-        // fails closes the connection instead of answering.
-        let vring: Vring;
-        let base: QueueBase;
-        try {
-          vring = this.#vring(msg, msg.payload.index);
-          base = await vring.halt();
-        } catch (err) {
-          throw fatalStop(msg.name, msg.payload.index, err);
-        }
-        const num = this.format().packed
-          ? encodePackedVringBase(
-              {
-                availIdx: base.availIdx,
-                availWrap: base.availWrap ?? true,
-                usedIdx: base.usedIdx ?? base.availIdx,
-                usedWrap: base.usedWrap ?? true,
-              },
-              msg.name,
-            )
-          : encodeSplitVringBase({ availIdx: base.availIdx }, msg.name);
-        this.logger.debug(`${this.name}: queue ${vring.index} stopped at ${num}`);
-        this.channel.reply(msg.request, { index: vring.index, num });
-        return;
-      }
-
-      case FrontendRequest.SET_VRING_KICK:
-      case FrontendRequest.SET_VRING_CALL:
-      case FrontendRequest.SET_VRING_ERR: {
-        const { index, noFd } = msg.payload;
-        const vring = this.vrings[index];
-        if (!vring) {
-          for (const fd of msg.fds) native.close(fd);
-          throw badField(
-            msg.name,
-            "index",
-            index,
-            `queue index out of range (queues=${this.vrings.length})`,
-          );
-        }
-        const fd = noFd ? -1 : msg.fds[0]!;
-        // LIFETIME: a kick fd is installed only once it is known to be watchable; a bad one
-        // is closed and the ring keeps the one it had.
-        if (msg.request === FrontendRequest.SET_VRING_KICK) checkKickFd(msg.name, index, fd);
-        if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
-        else if (msg.request === FrontendRequest.SET_VRING_CALL) vring.setCall(fd);
-        else vring.setErr(fd);
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.VRING_KICK: {
-        this.#requireProtocol(msg, ProtocolFeature.INBAND_NOTIFICATIONS);
-        this.#vring(msg, msg.payload.index).poke();
-        return;
-      }
-
-      case FrontendRequest.SET_VRING_ENABLE: {
-        const { index, num } = msg.payload;
-        if (!hasFeature(this.#features, VirtioFeature.PROTOCOL_FEATURES) && this.#featuresSet) {
-          throw new VhostUserError("ERR_VHOST_NOT_NEGOTIATED", "PROTOCOL_FEATURES not negotiated", {
-            request: msg.name,
-            field: "features",
-            value: this.#features,
-          });
-        }
-        if (num !== 0 && num !== 1) throw badField(msg.name, "num", num, "must be 0 or 1");
-        this.#vring(msg, index).setEnabled(num === 1);
-        this.logger.debug(`${this.name}: queue ${index} ${num ? "enabled" : "disabled"}`);
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.GET_QUEUE_NUM:
-        this.channel.reply(msg.request, BigInt(this.device.queueNum ?? this.device.queueCount));
-        return;
-
-      case FrontendRequest.GET_CONFIG: {
-        this.#requireProtocol(msg, ProtocolFeature.CONFIG);
-        const { offset, size, flags } = msg.payload;
-        if (!this.device.getConfig)
-          throw badField(msg.name, "size", size, "device has no config space");
-        const data = this.device.getConfig(offset, size);
-        this.channel.reply(msg.request, { offset, size: data.length, flags, payload: data });
-        return;
-      }
-
-      case FrontendRequest.SET_CONFIG: {
-        this.#requireProtocol(msg, ProtocolFeature.CONFIG);
-        if (!this.device.setConfig) {
-          throw badField(msg.name, "offset", msg.payload.offset, "config space is read-only");
-        }
-        this.device.setConfig(msg.payload.offset, msg.payload.payload);
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_STATUS:
-        this.#requireProtocol(msg, ProtocolFeature.STATUS);
-        this.#status = toNumber(msg.payload, msg.name, "status") & 0xff;
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.GET_STATUS:
-        this.#requireProtocol(msg, ProtocolFeature.STATUS);
-        this.channel.reply(msg.request, BigInt(this.#status));
-        return;
-
-      case FrontendRequest.SET_BACKEND_REQ_FD: {
-        const fd = msg.fds[0]!;
-        this.#backendChannel?.close();
-        const ch = new Channel(fd, {
-          role: "backend",
-          kind: "backend-req",
-          name: `${this.name}/backend-req`,
-        });
-        ch.setNegotiatedProtocolFeatures(this.#protocolFeatures);
-        ch.on("error", (err: Error) =>
-          this.logger.warn(`${this.name}: backend-req channel: ${err.message}`),
-        );
-        this.#backendChannel = ch;
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SEND_RARP:
-        this.#requireProtocol(msg, ProtocolFeature.RARP);
-        if (!this.device.sendRarp)
-          throw badField(msg.name, "mac", msg.payload.mac, "device cannot send RARP");
-        this.device.sendRarp(msg.payload.mac);
-        this.#ok(msg);
-        return;
-
-      case FrontendRequest.NET_SET_MTU: {
-        this.#requireProtocol(msg, ProtocolFeature.MTU);
-        const mtu = toNumber(msg.payload, msg.name, "mtu");
-        if (!this.device.setMtu) throw badField(msg.name, "mtu", mtu, "device has no MTU");
-        this.device.setMtu(mtu);
-        this.#ok(msg);
-        return;
-      }
-
-      case FrontendRequest.SET_DEVICE_STATE_FD:
-        this.#setDeviceStateFd(msg);
-        return;
-
-      case FrontendRequest.CHECK_DEVICE_STATE:
-        await this.#checkDeviceState(msg);
-        return;
-
-      default:
-        for (const fd of msg.fds) native.close(fd);
-        throw new VhostUserError(
-          "ERR_VHOST_REQUEST_FAILED",
-          "request not supported by this back-end",
-          {
-            request: msg.name,
-            field: "request",
-            value: msg.request,
-          },
-        );
+    const handler = Object.hasOwn(BackendSession.#handlers, msg.request)
+      ? (BackendSession.#handlers[msg.request] as AnyHandler | undefined)
+      : undefined;
+    if (!handler) {
+      for (const fd of msg.fds) native.close(fd);
+      throw new VhostUserError(
+        "ERR_VHOST_REQUEST_FAILED",
+        "request not supported by this back-end",
+        {
+          request: msg.name,
+          field: "request",
+          value: msg.request,
+        },
+      );
     }
+    const result = handler.run(this, msg);
+    // A synchronous handler is answered in the same turn, an asynchronous one once it settled.
+    const body = result instanceof Promise ? await result : result;
+    if (handler.reply === "body") this.channel.reply(msg.request, body as never);
+    else if (handler.reply === "ack") this.#ok(msg);
+  }
+
+  /**
+   * The handler of each front-end request this back-end serves (vhost-user: "Front-end message
+   * types"), beside its entry in the request table (src/protocol/table.ts: codec, size bounds,
+   * fds, reply kind, gate; checked before the handler runs). `reply` is how a request that
+   * succeeded is answered: `body` the handler's result as the reply body; `ack` a REPLY_ACK
+   * when the front-end asked for one (NEED_REPLY); `self` the handler sends its reply itself
+   * (at a point that matters); `none` nothing. A failed request is answered by `#fail`.
+   */
+  static readonly #handlers = Object.freeze<FrontendHandlers>({
+    [FrontendRequest.GET_FEATURES]: { reply: "body", run: (s) => s.offeredFeatures() },
+    [FrontendRequest.SET_FEATURES]: { reply: "ack", run: (s, m) => s.#setFeatures(m, m.payload) },
+    [FrontendRequest.SET_OWNER]: {
+      reply: "ack",
+      run(s) {
+        s.#owner = true;
+      },
+    },
+    [FrontendRequest.RESET_OWNER]: {
+      reply: "ack",
+      run(s) {
+        // Deprecated; the spec recommends disabling all rings and keeping the session.
+        for (const v of s.vrings) v.setEnabled(false);
+      },
+    },
+    [FrontendRequest.SET_MEM_TABLE]: {
+      reply: "ack",
+      run: (s, m) => s.#setMemTable(m, m.payload.regions, m.fds),
+    },
+    [FrontendRequest.SET_LOG_BASE]: { reply: "body", run: (s, m) => s.#setLogBase(m) },
+    [FrontendRequest.SET_LOG_FD]: {
+      reply: "ack",
+      run(s, m) {
+        const fd = m.fds[0];
+        if (s.#logFd >= 0) native.close(s.#logFd);
+        s.#logFd = fd ?? -1;
+      },
+    },
+    [FrontendRequest.SET_VRING_NUM]: { reply: "ack", run: (s, m) => s.#setVringNum(m) },
+    [FrontendRequest.SET_VRING_ADDR]: { reply: "ack", run: (s, m) => s.#setVringAddr(m) },
+    [FrontendRequest.SET_VRING_BASE]: { reply: "ack", run: (s, m) => s.#setVringBase(m) },
+    [FrontendRequest.GET_VRING_BASE]: { reply: "body", run: (s, m) => s.#getVringBase(m) },
+    [FrontendRequest.SET_VRING_KICK]: { reply: "ack", run: (s, m) => s.#setVringFd(m) },
+    [FrontendRequest.SET_VRING_CALL]: { reply: "ack", run: (s, m) => s.#setVringFd(m) },
+    [FrontendRequest.SET_VRING_ERR]: { reply: "ack", run: (s, m) => s.#setVringFd(m) },
+    [FrontendRequest.GET_PROTOCOL_FEATURES]: {
+      reply: "body",
+      run: (s) => s.offeredProtocolFeatures(),
+    },
+    [FrontendRequest.SET_PROTOCOL_FEATURES]: {
+      reply: "ack",
+      run: (s, m) => s.#setProtocolFeatures(m),
+    },
+    [FrontendRequest.GET_QUEUE_NUM]: {
+      reply: "body",
+      run: (s) => BigInt(s.device.queueNum ?? s.device.queueCount),
+    },
+    [FrontendRequest.SET_VRING_ENABLE]: { reply: "ack", run: (s, m) => s.#setVringEnable(m) },
+    [FrontendRequest.SEND_RARP]: {
+      reply: "ack",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.RARP);
+        if (!s.device.sendRarp)
+          throw badField(m.name, "mac", m.payload.mac, "device cannot send RARP");
+        s.device.sendRarp(m.payload.mac);
+      },
+    },
+    [FrontendRequest.NET_SET_MTU]: {
+      reply: "ack",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.MTU);
+        const mtu = toNumber(m.payload, m.name, "mtu");
+        if (!s.device.setMtu) throw badField(m.name, "mtu", mtu, "device has no MTU");
+        s.device.setMtu(mtu);
+      },
+    },
+    [FrontendRequest.SET_BACKEND_REQ_FD]: { reply: "ack", run: (s, m) => s.#setBackendReqFd(m) },
+    [FrontendRequest.GET_CONFIG]: { reply: "body", run: (s, m) => s.#getConfig(m) },
+    [FrontendRequest.SET_CONFIG]: {
+      reply: "ack",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.CONFIG);
+        if (!s.device.setConfig) {
+          throw badField(m.name, "offset", m.payload.offset, "config space is read-only");
+        }
+        s.device.setConfig(m.payload.offset, m.payload.payload);
+      },
+    },
+    [FrontendRequest.RESET_DEVICE]: { reply: "ack", run: (s) => s.#resetDevice() },
+    [FrontendRequest.VRING_KICK]: {
+      reply: "none",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.INBAND_NOTIFICATIONS);
+        s.#vring(m, m.payload.index).poke();
+      },
+    },
+    [FrontendRequest.GET_MAX_MEM_SLOTS]: {
+      reply: "body",
+      run: () => BigInt(BACKEND_MAX_MEM_SLOTS),
+    },
+    [FrontendRequest.ADD_MEM_REG]: {
+      reply: "ack",
+      run: (s, m) => s.#addMemReg(m, m.payload, m.fds),
+    },
+    [FrontendRequest.REM_MEM_REG]: {
+      reply: "ack",
+      run(s, m) {
+        for (const fd of m.fds) native.close(fd);
+        return s.#remMemReg(m, m.payload);
+      },
+    },
+    [FrontendRequest.SET_STATUS]: {
+      reply: "ack",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.STATUS);
+        s.#status = toNumber(m.payload, m.name, "status") & 0xff;
+      },
+    },
+    [FrontendRequest.GET_STATUS]: {
+      reply: "body",
+      run(s, m) {
+        s.#requireProtocol(m, ProtocolFeature.STATUS);
+        return BigInt(s.#status);
+      },
+    },
+    // The reply goes out before the transfer starts, or a front-end that reads or writes the
+    // pipe right after it would deadlock.
+    [FrontendRequest.SET_DEVICE_STATE_FD]: { reply: "self", run: (s, m) => s.#setDeviceStateFd(m) },
+    // A failed transfer is answered with a failure body and counted as a failed request.
+    [FrontendRequest.CHECK_DEVICE_STATE]: { reply: "self", run: (s, m) => s.#checkDeviceState(m) },
+  });
+
+  /**
+   * The front-end requests this back-end handles, by id, each with its reply rule (see
+   * {@link HandlerReply}); any other one is refused ("request not supported by this
+   * back-end"). docs/protocol.md shows it beside the request table.
+   */
+  static readonly handledRequests: ReadonlyMap<FrontendRequest, HandlerReply> = new Map(
+    Object.entries(this.#handlers)
+      .map(([id, h]) => [Number(id) as FrontendRequest, h.reply] as const)
+      .sort((a, b) => a[0] - b[0]),
+  );
+
+  #setProtocolFeatures(msg: RequestOf<FrontendRequest.SET_PROTOCOL_FEATURES>): void {
+    const unknown = msg.payload & ~this.offeredProtocolFeatures();
+    if (unknown !== 0n) {
+      throw badField(msg.name, "protocol features", unknown, "features not offered");
+    }
+    this.#protocolFeatures = msg.payload;
+    this.channel.setNegotiatedProtocolFeatures(msg.payload);
+    this.logger.info(`${this.name}: protocol features 0x${msg.payload.toString(16)}`);
+  }
+
+  #setVringNum(msg: RequestOf<FrontendRequest.SET_VRING_NUM>): void {
+    const { index, num } = msg.payload;
+    const vring = this.#vring(msg, index);
+    const max = Math.min(this.device.maxQueueSize, MAX_QUEUE_SIZE);
+    const packed = this.format().packed;
+    if (num === 0 || num > max || (!packed && (num & (num - 1)) !== 0)) {
+      throw badField(
+        msg.name,
+        "num",
+        num,
+        `queue ${index}: size must be ${packed ? "1" : "a power of 2"} up to ${max}`,
+      );
+    }
+    if (vring.started) throw badField(msg.name, "index", index, "queue is running");
+    vring.size = num;
+    vring.broken = null;
+  }
+
+  /** @returns a promise when a worker ring has to take the new addresses first */
+  #setVringAddr(msg: RequestOf<FrontendRequest.SET_VRING_ADDR>): Promise<void> | void {
+    const a = msg.payload;
+    const vring = this.#vring(msg, a.index);
+    const addr = {
+      desc: toNumber(a.descUserAddr, msg.name, "desc_user_addr"),
+      avail: toNumber(a.availUserAddr, msg.name, "avail_user_addr"),
+      used: toNumber(a.usedUserAddr, msg.name, "used_user_addr"),
+      log: (a.flags & VRING_F_LOG) !== 0,
+      logGuestAddr: toNumber(a.logGuestAddr, msg.name, "log_guest_addr"),
+    };
+    const mem = this.#memory;
+    if (mem && vring.size > 0) {
+      // Check now so a bad address is reported against this request, not a later kick.
+      this.#checkRingAddresses(msg, vring, addr, mem);
+    }
+    if (addr.log && this.#dirtyLog) {
+      const bad = this.#usedLogBeyond(vring, addr.logGuestAddr, this.#dirtyLog);
+      if (bad)
+        throw badField(msg.name, "log_guest_addr", `0x${addr.logGuestAddr.toString(16)}`, bad);
+    }
+    vring.addr = addr;
+    if (vring.started) {
+      // Logging toggled during migration, or the ring moved: rebuild over the same base
+      // (a worker ring answers once it uses the new addresses and log flag).
+      if (vring.worker) return vring.remapWorker();
+      else vring.rebuild();
+    } else {
+      vring.broken = null;
+    }
+  }
+
+  #setVringBase(msg: RequestOf<FrontendRequest.SET_VRING_BASE>): void {
+    const { index, num } = msg.payload;
+    const vring = this.#vring(msg, index);
+    if (vring.started) throw badField(msg.name, "index", index, "queue is running");
+    if (this.format().packed) {
+      const b = decodePackedVringBase(num, msg.name);
+      // The full encoding (bits 0-14 avail, 15 avail wrap, 16-30 used, 31 used wrap), as
+      // QEMU sends it. DPDK sends only the avail half: its virtio-user front-end starts a
+      // ring with 0x8000 (avail 0, wrap 1), and its vhost back-end answers GET_VRING_BASE
+      // with the avail half only (lib/vhost/vhost_user.c, vhost_user_get_vring_base) and
+      // takes used = avail on SET_VRING_BASE. That form is taken as such only where it is
+      // unambiguous: nothing above bit 15 and the avail wrap counter 1, which in the full
+      // encoding (used 0, used wrap 0) would put `size` or more descriptors in flight, a
+      // position no stopped ring has. Used 0 with used wrap 0 and avail wrap 0 is a real
+      // position (every other lap) and is kept as sent.
+      const availOnly = num >>> 16 === 0 && b.availWrap;
+      vring.base = availOnly ? { ...b, usedIdx: b.availIdx, usedWrap: b.availWrap } : b;
+    } else {
+      const b = decodeSplitVringBase(num, msg.name);
+      vring.base = { availIdx: b.availIdx };
+    }
+    vring.broken = null;
+  }
+
+  /**
+   * GET_VRING_BASE: stop the ring and return where it stopped. The request has no failure
+   * value (a base is always a valid position): a stop that fails closes the connection
+   * instead of answering.
+   */
+  async #getVringBase(msg: RequestOf<FrontendRequest.GET_VRING_BASE>): Promise<VringState> {
+    let vring: Vring;
+    let base: QueueBase;
+    try {
+      vring = this.#vring(msg, msg.payload.index);
+      base = await vring.halt();
+    } catch (err) {
+      throw fatalStop(msg.name, msg.payload.index, err);
+    }
+    const num = this.format().packed
+      ? encodePackedVringBase(
+          {
+            availIdx: base.availIdx,
+            availWrap: base.availWrap ?? true,
+            usedIdx: base.usedIdx ?? base.availIdx,
+            usedWrap: base.usedWrap ?? true,
+          },
+          msg.name,
+        )
+      : encodeSplitVringBase({ availIdx: base.availIdx }, msg.name);
+    this.logger.debug(`${this.name}: queue ${vring.index} stopped at ${num}`);
+    return { index: vring.index, num };
+  }
+
+  /** SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR. */
+  #setVringFd(
+    msg: RequestOf<
+      | FrontendRequest.SET_VRING_KICK
+      | FrontendRequest.SET_VRING_CALL
+      | FrontendRequest.SET_VRING_ERR
+    >,
+  ): void {
+    const { index, noFd } = msg.payload;
+    const vring = this.vrings[index];
+    if (!vring) {
+      for (const fd of msg.fds) native.close(fd);
+      throw badField(
+        msg.name,
+        "index",
+        index,
+        `queue index out of range (queues=${this.vrings.length})`,
+      );
+    }
+    const fd = noFd ? -1 : msg.fds[0]!;
+    // LIFETIME: a kick fd is installed only once it is known to be watchable; a bad one
+    // is closed and the ring keeps the one it had.
+    if (msg.request === FrontendRequest.SET_VRING_KICK) checkKickFd(msg.name, index, fd);
+    if (msg.request === FrontendRequest.SET_VRING_KICK) vring.setKick(fd);
+    else if (msg.request === FrontendRequest.SET_VRING_CALL) vring.setCall(fd);
+    else vring.setErr(fd);
+  }
+
+  #setVringEnable(msg: RequestOf<FrontendRequest.SET_VRING_ENABLE>): void {
+    const { index, num } = msg.payload;
+    if (!hasFeature(this.#features, VirtioFeature.PROTOCOL_FEATURES) && this.#featuresSet) {
+      throw new VhostUserError("ERR_VHOST_NOT_NEGOTIATED", "PROTOCOL_FEATURES not negotiated", {
+        request: msg.name,
+        field: "features",
+        value: this.#features,
+      });
+    }
+    if (num !== 0 && num !== 1) throw badField(msg.name, "num", num, "must be 0 or 1");
+    this.#vring(msg, index).setEnabled(num === 1);
+    this.logger.debug(`${this.name}: queue ${index} ${num ? "enabled" : "disabled"}`);
+  }
+
+  #getConfig(msg: RequestOf<FrontendRequest.GET_CONFIG>): ConfigSpace {
+    this.#requireProtocol(msg, ProtocolFeature.CONFIG);
+    const { offset, size, flags } = msg.payload;
+    if (!this.device.getConfig)
+      throw badField(msg.name, "size", size, "device has no config space");
+    const data = this.device.getConfig(offset, size);
+    return { offset, size: data.length, flags, payload: data };
+  }
+
+  #setBackendReqFd(msg: RequestOf<FrontendRequest.SET_BACKEND_REQ_FD>): void {
+    const fd = msg.fds[0]!;
+    this.#backendChannel?.close();
+    const ch = new Channel(fd, {
+      role: "backend",
+      kind: "backend-req",
+      name: `${this.name}/backend-req`,
+    });
+    ch.setNegotiatedProtocolFeatures(this.#protocolFeatures);
+    ch.on("error", (err: Error) =>
+      this.logger.warn(`${this.name}: backend-req channel: ${err.message}`),
+    );
+    this.#backendChannel = ch;
   }
 
   async #setFeatures(msg: FrontendMessage, features: bigint): Promise<void> {
@@ -1101,7 +1160,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
 
   async #setLogBase(
     msg: FrontendMessage & { request: FrontendRequest.SET_LOG_BASE },
-  ): Promise<void> {
+  ): Promise<LogBaseReply> {
     this.#requireProtocol(msg, ProtocolFeature.LOG_SHMFD);
     const fd = msg.fds[0];
     if (fd === undefined) {
@@ -1144,7 +1203,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     if (old) unmapDirtyLog(old);
     await relogged;
     this.logger.info(`${this.name}: dirty log of ${log.size} bytes (${log.pages} pages)`);
-    this.channel.reply(msg.request, { value: 0n, log: null });
+    return { value: 0n, log: null };
   }
 
   /**

@@ -4,6 +4,7 @@
 import { type SizeRange } from "./codecs.js";
 import {
   type AnyRequestSpec,
+  type HandlerReply,
   BACKEND_REQUEST_SPECS,
   FRONTEND_REQUEST_SPECS,
   describeGate,
@@ -25,7 +26,16 @@ function reply(spec: AnyRequestSpec): string {
   return body;
 }
 
-function rows(specs: readonly AnyRequestSpec[]): string[] {
+/** The back-end column: whether the handler table has the request, and how it answers. */
+function handled(rule: HandlerReply | undefined): string {
+  if (rule === undefined) return "not handled";
+  return rule === "none" ? "handled, no REPLY_ACK" : "handled";
+}
+
+function rows(
+  specs: readonly AnyRequestSpec[],
+  backend?: ReadonlyMap<number, HandlerReply>,
+): string[] {
   return specs.map((s) =>
     [
       "",
@@ -36,6 +46,7 @@ function rows(specs: readonly AnyRequestSpec[]): string[] {
       reply(s),
       range(s.replyFds),
       describeGate(s.gate) + (s.allowedBeforeFeatures ? ", before SET_FEATURES" : ""),
+      ...(backend ? [handled(backend.get(s.id))] : []),
       s.summary,
       "",
     ]
@@ -49,11 +60,28 @@ const HEAD = [
   "|---|---|---|---|---|---|---|---|",
 ];
 
+const HEAD_WITH_BACKEND = [
+  "| id | name | request payload (bytes) | fds | reply | reply fds | gate | back-end | what |",
+  "|---|---|---|---|---|---|---|---|---|",
+];
+
+/** Options of {@link renderProtocolDoc}. */
+export interface ProtocolDocOptions {
+  /**
+   * The front-end requests vhostkit's back-end handles, each with its reply rule
+   * (`BackendSession.handledRequests`): shown in a "back-end" column. The protocol layer
+   * cannot import the back-end, so the caller passes it.
+   */
+  backend?: ReadonlyMap<number, HandlerReply>;
+}
+
 /**
  * Render docs/protocol.md from the request table.
+ * @param options the back-end's handled requests, for the "back-end" column
  * @returns the Markdown text
  */
-export function renderProtocolDoc(): string {
+export function renderProtocolDoc(options: ProtocolDocOptions = {}): string {
+  const backend = options.backend;
   return [
     "# vhost-user protocol coverage",
     "",
@@ -64,11 +92,21 @@ export function renderProtocolDoc(): string {
     '"ack only" means the request has no reply body: with REPLY_ACK negotiated and NEED_REPLY',
     "set, the receiver answers with a u64 (0 = success). A request that has a reply body gets",
     "exactly one reply, whatever NEED_REPLY says.",
+    ...(backend
+      ? [
+          "",
+          'The "back-end" column comes from the back-end\'s handler table (`BackendSession`,',
+          "`src/backend/session.ts`): a request it does not handle is refused with",
+          '`ERR_VHOST_REQUEST_FAILED` "request not supported by this back-end" (a failure reply',
+          'where one is due, else the connection is closed). "no REPLY_ACK": a success is not',
+          "acknowledged even when NEED_REPLY is set (a failure is).",
+        ]
+      : []),
     "",
     "## Front-end requests (main channel)",
     "",
-    ...HEAD,
-    ...rows(FRONTEND_REQUEST_SPECS),
+    ...(backend ? HEAD_WITH_BACKEND : HEAD),
+    ...rows(FRONTEND_REQUEST_SPECS, backend),
     "",
     "## Back-end requests (back-end request channel)",
     "",

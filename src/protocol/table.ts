@@ -71,6 +71,17 @@ export type TableName = "frontend" | "backend";
 export type ReplyKind = "none" | "always" | "postcopy";
 
 /**
+ * How a back-end answers a request its handler completed (vhostkit's back-end: the handler
+ * table in src/backend/session.ts); a failed request is answered from this table instead
+ * (see {@link failureReply}):
+ * - `body`: the reply body the handler returned;
+ * - `ack`: a REPLY_ACK u64 0 when the front-end asked for one (NEED_REPLY);
+ * - `self`: the handler sends its reply body itself, at the point that matters;
+ * - `none`: nothing, whatever NEED_REPLY says.
+ */
+export type HandlerReply = "body" | "ack" | "self" | "none";
+
+/**
  * What must be negotiated before a request is legal: a protocol feature (which itself needs
  * VHOST_USER_F_PROTOCOL_FEATURES), the virtio bit `PROTOCOL_FEATURES` itself, the virtio bit
  * `ACCESS_PLATFORM` (IOTLB), or nothing.
