@@ -1090,6 +1090,20 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     const unknown = features & ~this.offeredFeatures();
     if (unknown !== 0n) throw badField(msg.name, "features", unknown, "features not offered");
     const wasLogging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
+    // A log that covered memory when it was set may not any more (memory grew while logging
+    // was off): refuse to log with it now rather than miss the first write above it.
+    const refusal =
+      !wasLogging && hasFeature(features, VirtioFeature.LOG_ALL) && this.#dirtyLog
+        ? this.#logRefusal(this.#dirtyLog)
+        : null;
+    if (refusal) {
+      throw badField(
+        msg.name,
+        "features",
+        "VHOST_F_LOG_ALL",
+        `the dirty log of SET_LOG_BASE is too short: ${refusal.why}; send a larger log first`,
+      );
+    }
     const formatBefore = this.format();
     this.#features = features;
     this.#featuresSet = true;
