@@ -32,7 +32,8 @@ test("sigbus: a front-end that shrinks guest memory loses its connection; the sw
   const guests: TestGuest[] = [];
   try {
     await sw.ready();
-    const A = await connectGuest(a, "a");
+    // A plays a front-end that shrinks its memory: its memfd is left unsealed
+    const A = await connectGuest(a, "a", { regions: [{ gpa: 0, size: 1 << 20 }], seal: false });
     guests.push(A);
     const B = await connectGuest(b, "b");
     guests.push(B);

@@ -9,7 +9,13 @@ import type { FdWatcher } from "../native.js";
 import { GuestMemory } from "../memory/guest-memory.js";
 import type { Region } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
-import { mapDirtyLog, mapRegion, unmapDirtyLog, unmapRegion } from "../memory/mapping.js";
+import {
+  findMappingFault,
+  mapDirtyLog,
+  mapRegion,
+  unmapDirtyLog,
+  unmapRegion,
+} from "../memory/mapping.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
 import { createDeviceQueue } from "../virtq/device-queue.js";
 import { readChain, writeChain } from "../virtq/chain-io.js";
@@ -186,6 +192,9 @@ class RingWorker {
   #handler: WorkerQueueHandler | null = null;
   #kickFd: number;
   #watcher: FdWatcher | null = null;
+  /** watches the fault eventfd (owned by the QueueWorker) */
+  #faultWatcher: FdWatcher | null = null;
+  #faultReported = false;
   #pollTimer: NodeJS.Timeout | null = null;
   #scheduled = false;
   #kicks = 0;
@@ -234,6 +243,7 @@ class RingWorker {
       return;
     }
     this.#watchKick();
+    this.#watchFaults();
     this.#ready = true;
     this.#post({ type: "started" });
     const pending = this.#pending;
@@ -307,6 +317,7 @@ class RingWorker {
       this.#break(`remap: ${err instanceof Error ? err.message : String(err)}`);
       return;
     }
+    this.#checkFaults(old, null);
     for (const r of old) unmapRegion(r);
     this.#post({ type: "remapped" });
     this.#schedule();
@@ -327,7 +338,10 @@ class RingWorker {
     // is marked in the new one; the old mapping goes only after that flush.
     ring.memory.log = next;
     this.#log = next;
-    if (old) unmapDirtyLog(old);
+    if (old) {
+      this.#checkFaults([], old);
+      unmapDirtyLog(old);
+    }
     const changed = usedLog?.logGuestAddr !== this.#usedLog?.logGuestAddr;
     this.#usedLog = usedLog;
     if (changed) {
@@ -406,6 +420,10 @@ class RingWorker {
     if (this.#ended) return;
     this.#ended = true;
     this.#unwatchKick();
+    // A fault not yet seen is reported before its mapping goes.
+    this.#checkFaults(this.#regions, this.#log);
+    this.#faultWatcher?.close();
+    this.#faultWatcher = null;
     this.#kickFd = -1;
     const ring = this.#ring;
     if (ring) {
@@ -442,6 +460,29 @@ class RingWorker {
     } else {
       this.#pollTimer = setInterval(() => this.#run(), 1);
     }
+  }
+
+  /** Learn of every SIGBUS the addon survives; look whether it was in this worker's mappings. */
+  #watchFaults(): void {
+    const fd = this.#init.faultFd;
+    if (fd < 0) return;
+    this.#faultWatcher = new native.FdWatcher(fd, () => {
+      native.eventfdRead(fd);
+      this.#checkFaults(this.#regions, this.#log);
+    });
+    this.#faultWatcher.start(POLL_READABLE);
+  }
+
+  /**
+   * Report the first fault found in these mappings (once per worker: the counts only grow).
+   * The ring goes on over the zero pages until the session closes the connection.
+   */
+  #checkFaults(regions: readonly Region[], log: DirtyLog | null): void {
+    if (this.#faultReported) return;
+    const fault = findMappingFault(regions, log);
+    if (!fault) return;
+    this.#faultReported = true;
+    this.#post({ type: "fault", fault });
   }
 
   #unwatchKick(): void {

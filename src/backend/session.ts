@@ -41,7 +41,15 @@ import type { FrontendRequestMessage as FrontendMessage } from "../protocol/fram
 import { GuestMemory } from "../memory/guest-memory.js";
 import type { Region, RegionInfo } from "../memory/guest-memory.js";
 import { gpa as toGpa, uaddr as toUaddr, mmapOffset as toMmapOffset } from "../memory/address.js";
-import { mapRegionSplit, unmapRegion, mapDirtyLog, unmapDirtyLog } from "../memory/mapping.js";
+import {
+  describeMappingFault,
+  findMappingFault,
+  mapRegionSplit,
+  unmapRegion,
+  mapDirtyLog,
+  unmapDirtyLog,
+} from "../memory/mapping.js";
+import type { MappingFault } from "../memory/mapping.js";
 import { LOG_PAGE_SIZE } from "../memory/dirty-log.js";
 import type { DirtyLog } from "../memory/dirty-log.js";
 import { MAX_QUEUE_SIZE, splitRingSizes } from "../virtq/layout.js";
@@ -415,38 +423,25 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     this.#faultWatcher.start(POLL_READABLE);
   }
 
-  /**
-   * Close the connection when one of its mappings faulted, naming the region (vhost-user:
-   * VHOST_USER_SET_MEM_TABLE: the front-end must keep each region's file at least as large as
-   * the table says). The faulting pages read as zeros until then.
-   */
+  /** Close the connection when one of its own (main-thread) mappings faulted. */
   #checkFaults(): void {
+    const fault = findMappingFault(this.#regions, this.#dirtyLog);
+    if (fault) this.mappingFaulted(fault);
+  }
+
+  /**
+   * A mapping of this connection faulted (on the main thread, or in a worker ring's own
+   * mapping): close the connection naming the region and offset. The faulting pages read as
+   * zeros until then.
+   * @param fault where
+   */
+  mappingFaulted(fault: MappingFault): void {
     if (this.#closed) return;
-    let what: string | null = null;
-    let value: unknown = null;
-    const regions = this.#frontendRegions();
-    for (const r of this.#regions) {
-      const f = native.mappingFault(r.buffer);
-      if (!f) continue;
-      const info = this.#origin.get(r) ?? r;
-      const offset = f.offset - r.base + (r.gpa - info.gpa);
-      what =
-        `memory region ${regions.indexOf(info)} (gpa 0x${info.gpa.toString(16)}, size 0x${info.size.toString(16)}): ` +
-        `SIGBUS at offset 0x${offset.toString(16)} (${f.faults} page(s)): its file is shorter than the memory table says`;
-      value = `0x${(info.gpa + offset).toString(16)}`;
-      break;
-    }
-    const log = this.#dirtyLog;
-    const lf = what === null && log ? native.mappingFault(log.buffer) : null;
-    if (lf) {
-      what = `dirty log (${log!.size} bytes): SIGBUS at offset 0x${lf.offset.toString(16)}: its file is shorter than SET_LOG_BASE said`;
-      value = lf.offset;
-    }
-    if (what === null) return;
-    const error = new VhostUserError("ERR_VHOST_REQUEST_FAILED", what, {
+    const d = describeMappingFault(fault, this.#frontendRegions());
+    const error = new VhostUserError("ERR_VHOST_REQUEST_FAILED", d.message, {
       request: "memory access",
-      field: lf ? "log" : "gpa",
-      value,
+      field: d.field,
+      value: d.value,
       fatal: true,
     });
     this.logger.error(`${this.name}: ${error.message}; closing the connection`);
@@ -1095,6 +1090,20 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
     const unknown = features & ~this.offeredFeatures();
     if (unknown !== 0n) throw badField(msg.name, "features", unknown, "features not offered");
     const wasLogging = hasFeature(this.#features, VirtioFeature.LOG_ALL);
+    // A log that covered memory when it was set may not any more (memory grew while logging
+    // was off): refuse to log with it now rather than miss the first write above it.
+    const refusal =
+      !wasLogging && hasFeature(features, VirtioFeature.LOG_ALL) && this.#dirtyLog
+        ? this.#logRefusal(this.#dirtyLog)
+        : null;
+    if (refusal) {
+      throw badField(
+        msg.name,
+        "features",
+        "VHOST_F_LOG_ALL",
+        `the dirty log of SET_LOG_BASE is too short: ${refusal.why}; send a larger log first`,
+      );
+    }
     const formatBefore = this.format();
     this.#features = features;
     this.#featuresSet = true;

@@ -7,6 +7,7 @@ import { VhostUserError } from "../protocol/errors.js";
 import { native, POLL_READABLE } from "../native.js";
 import type { FdWatcher } from "../native.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
+import type { MappingFault } from "../memory/mapping.js";
 import { uaddr as toUaddr } from "../memory/address.js";
 import { createDeviceQueue } from "../virtq/device-queue.js";
 import { splitRingSizes, packedRingSizes } from "../virtq/layout.js";
@@ -76,6 +77,8 @@ export interface VringHost {
   readonly pollTurns: number;
   /** busy polling: idle microseconds before notifications are asked for again (0: off) */
   readonly busyPollMicros: number;
+  /** a worker ring's own mapping of guest memory or of the log faulted (SIGBUS survived) */
+  mappingFaulted(fault: MappingFault): void;
 }
 
 /**
@@ -452,6 +455,7 @@ export class Vring implements BackendQueue {
           if (base) this.base = base;
           this.markBroken(`worker: ${reason}`);
         },
+        fault: (fault) => this.#host.mappingFaulted(fault),
       },
     );
     this.#worker = worker;

@@ -17,7 +17,13 @@
  * message) stays owned by the main thread's {@link QueueWorker}, which closes region fds once
  * the worker answered that it mapped them and every other one once the thread has exited,
  * whatever the way it ended (stop, broken ring, error, termination after a timeout). The
- * worker never closes an fd it was sent, so no fd number is closed twice.
+ * worker never closes an fd it was sent, so no fd number is closed twice. The same holds for
+ * the worker's fault subscription (`native.faultSubscribe`), released once the thread exited.
+ *
+ * Faults (vhost-user: VHOST_USER_SET_MEM_TABLE): the worker's mappings are its own, so a SIGBUS
+ * the addon survives in one (the front-end shrank a file after it was mapped) is found by the
+ * worker, which posts a `fault` naming the guest-physical address (or the log offset); the
+ * session then fails the connection as for a fault in its own mappings.
  *
  * Dirty logging (vhost-user: "Migration"): while VHOST_F_LOG_ALL is on, the worker maps the
  * log from a dup of the SET_LOG_BASE fd and marks every write it makes, with the used ring
@@ -27,6 +33,7 @@
  */
 import { Worker } from "node:worker_threads";
 import { native } from "../native.js";
+import type { MappingFault } from "../memory/mapping.js";
 import type { QueueBase } from "../virtq/types.js";
 import type { BackendQueue, Logger } from "./device.js";
 
@@ -106,6 +113,11 @@ export interface WorkerInit {
   options: unknown;
   /** counters shared with the main thread, or null */
   counters: Float64Array | null;
+  /**
+   * An eventfd of `native.faultSubscribe`, made and owned by the {@link QueueWorker}: the
+   * worker watches it and reports a fault in its own mappings.
+   */
+  faultFd: number;
 }
 
 /** Messages from the main thread to a worker. */
@@ -129,7 +141,8 @@ export type FromWorker =
   | { type: "remapped" }
   | { type: "logged" }
   | { type: "stopped"; base: QueueBase; inFlight: number; kicks: number; calls: number }
-  | { type: "broken"; reason: string; base: QueueBase | null };
+  | { type: "broken"; reason: string; base: QueueBase | null }
+  | { type: "fault"; fault: MappingFault };
 
 /** What a handler module's `createQueueHandler` receives. */
 export interface WorkerHandlerInit {
@@ -173,6 +186,11 @@ export type CreateQueueHandler = (init: WorkerHandlerInit) => WorkerQueueHandler
 export interface QueueWorkerEvents {
   /** the worker found the ring malformed (or could not start) and has stopped */
   broken(reason: string, base: QueueBase | null): void;
+  /**
+   * A SIGBUS was survived in the worker's own mapping of guest memory or of the dirty log (the
+   * front-end shrank the file): the connection must fail (reported once per worker).
+   */
+  fault(fault: MappingFault): void;
 }
 
 /** How long a worker may take to answer stop/remap before it is terminated. */
@@ -202,6 +220,8 @@ export class QueueWorker {
    * them, so the oldest group can be closed.
    */
   readonly #fdGroups: number[][] = [];
+  /** the worker's fault subscription (native.faultSubscribe), released once the thread exits */
+  #faultFd = -1;
   /** resolves with the exit code when the thread has ended */
   readonly exited: Promise<number>;
   /** kicks the worker consumed, as of its stop */
@@ -212,12 +232,12 @@ export class QueueWorker {
   /**
    * Start a worker for a ring. The fds in `init` are dups made by the caller; this object owns
    * them from now on (also when the constructor throws).
-   * @param init ring, memory and handler description
+   * @param init ring, memory and handler description (the fault fd is made here)
    * @param logger the session's logger
-   * @param events broken-ring callback
+   * @param events broken-ring and fault callbacks
    * @throws Error when the thread cannot be created (the fds in `init` are closed)
    */
-  constructor(init: WorkerInit, logger: Logger, events: QueueWorkerEvents) {
+  constructor(init: Omit<WorkerInit, "faultFd">, logger: Logger, events: QueueWorkerEvents) {
     this.index = init.index;
     this.#logger = logger;
     this.#events = events;
@@ -226,8 +246,10 @@ export class QueueWorker {
     for (const fd of [...mapped, init.kickFd, init.callFd]) if (fd >= 0) this.#owned.add(fd);
     this.#fdGroups.push(mapped);
     try {
+      this.#faultFd = native.faultSubscribe();
+      const data: WorkerInit = { ...init, faultFd: this.#faultFd };
       this.#worker = new Worker(new URL("./queue-worker.js", import.meta.url), {
-        workerData: init,
+        workerData: data,
       });
     } catch (err) {
       this.#closeOwned();
@@ -254,6 +276,8 @@ export class QueueWorker {
     for (const fd of this.#owned) native.close(fd);
     this.#owned.clear();
     this.#fdGroups.length = 0;
+    if (this.#faultFd >= 0) native.faultUnsubscribe(this.#faultFd);
+    this.#faultFd = -1;
   }
 
   /** Close the fds of the oldest start/remap/log: the worker has mapped (or dropped) them. */
@@ -271,6 +295,11 @@ export class QueueWorker {
   }
 
   #onMessage(m: FromWorker): void {
+    if (m.type === "fault") {
+      this.#logger.debug(`queue ${this.index}: the worker's mapping faulted`);
+      this.#events.fault(m.fault);
+      return;
+    }
     if (m.type === "broken") {
       this.#finish();
       this.#reportBroken(m.reason, m.base);

@@ -6,7 +6,7 @@
  *
  * vhost-user: "Memory regions" (VHOST_USER_SET_MEM_TABLE, VHOST_USER_ADD_MEM_REG).
  */
-import { native } from "../native.js";
+import { FileSeal, native } from "../native.js";
 import {
   GuestMemoryError,
   gpa as toGpa,
@@ -59,7 +59,17 @@ export interface GuestRamOptions {
   layout?: "fd-per-region" | "shared-fd";
   /** memfd name (default "vhostkit-guest-ram") */
   name?: string;
+  /**
+   * Seal each memfd once sized (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL, as QEMU's
+   * `memory-backend-memfd` does by default), so that a back-end holding the fd cannot shrink it
+   * under this process's mapping (the next access would raise SIGBUS). Default true; false only
+   * to play a front-end that shrinks its memory (tests).
+   */
+  seal?: boolean;
 }
+
+/** The seals of {@link GuestRamOptions.seal}. */
+export const GUEST_RAM_SEALS = FileSeal.SHRINK | FileSeal.GROW | FileSeal.SEAL;
 
 /** One region of {@link GuestRam}: where it lies, its fd and this process's mapping of it. */
 export interface GuestRamRegion {
@@ -174,17 +184,22 @@ export class GuestRam {
     });
     const fds: number[] = [];
     const mapped: GuestRamRegion[] = [];
+    const seal = (fd: number): void => {
+      if (opts.seal ?? true) native.addSeals(fd, GUEST_RAM_SEALS);
+    };
     try {
       if (layout === "shared-fd") {
         const fd = native.memfdCreate(name);
         fds.push(fd);
         native.ftruncate(fd, sharedOffset);
+        seal(fd);
         for (const info of infos) mapped.push({ info, fd, pieces: mapRegionSplit(fd, info) });
       } else {
         infos.forEach((info, i) => {
           const fd = native.memfdCreate(`${name}-${i}`);
           fds.push(fd);
           native.ftruncate(fd, info.size);
+          seal(fd);
           mapped.push({ info, fd, pieces: mapRegionSplit(fd, info) });
         });
       }

@@ -20,6 +20,7 @@ import {
 import type { DeviceStateReply, MemoryRegion } from "../protocol/codecs.js";
 import { VhostUserError } from "../protocol/errors.js";
 import type { VhostUserFrontend } from "./frontend.js";
+import { GUEST_RAM_SEALS } from "./guest-ram.js";
 import { readStateFromFd, writeStateToFd } from "../migration/transfer.js";
 
 /** Largest back-end state accepted from a SAVE (default of {@link saveBackendState}). */
@@ -41,7 +42,8 @@ export function logSizeFor(table: readonly MemoryRegion[]): number {
 }
 
 /**
- * The front-end's side of the dirty log: a memfd mapped here and shared with the back-end.
+ * The front-end's side of the dirty log: a memfd mapped here and shared with the back-end,
+ * sealed against shrinking (see `GUEST_RAM_SEALS`).
  *
  * LIFETIME: the word view lives in the mapping; it is unusable after {@link close}.
  */
@@ -72,6 +74,8 @@ export class FrontendDirtyLog {
     const fd = native.memfdCreate("vhostkit-dirty-log");
     try {
       native.ftruncate(fd, size);
+      // The back-end gets this fd: sealed, it cannot shrink the file under the mapping here.
+      native.addSeals(fd, GUEST_RAM_SEALS);
       return new FrontendDirtyLog(fd, size);
     } catch (err) {
       native.close(fd);

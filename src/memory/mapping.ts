@@ -162,3 +162,77 @@ export function unmapDirtyLog(log: DirtyLog): void {
   log.flush();
   native.munmap(log.buffer);
 }
+
+/**
+ * A SIGBUS survived in a mapping made here (the file behind it was shrunk after it was
+ * mapped; see `native.mappingFault`): where it was, in terms that mean the same on every
+ * thread (a worker maps the same memory at other addresses).
+ */
+export type MappingFault =
+  | {
+      kind: "region";
+      /** guest-physical address of the first faulting byte */
+      gpa: number;
+      /** pages of the mapping that faulted so far */
+      faults: number;
+    }
+  | {
+      kind: "log";
+      /** byte offset in the dirty log of the first fault */
+      offset: number;
+      /** the log's size in bytes */
+      size: number;
+    };
+
+/**
+ * Find the first survived fault among one owner's mappings (a session's, or a worker ring's).
+ * @param regions the mapped regions (made by {@link mapRegion})
+ * @param log the mapped dirty log, or null
+ * @returns the fault, or null when none of these mappings faulted
+ */
+export function findMappingFault(
+  regions: readonly Region[],
+  log: DirtyLog | null,
+): MappingFault | null {
+  for (const r of regions) {
+    const f = native.mappingFault(r.buffer);
+    if (f) return { kind: "region", gpa: r.gpa + (f.offset - r.base), faults: f.faults };
+  }
+  const lf = log ? native.mappingFault(log.buffer) : null;
+  if (lf) return { kind: "log", offset: lf.offset - log!.offset, size: log!.size };
+  return null;
+}
+
+/**
+ * Say what a survived fault means for the connection that owns the mapping (vhost-user:
+ * VHOST_USER_SET_MEM_TABLE, VHOST_USER_SET_LOG_BASE: the front-end must keep each file at
+ * least as large as it said).
+ * @param fault the fault
+ * @param table the connection's memory table (memory-table regions, not their pieces)
+ * @returns the message (naming the region by its index in `table`, its gpa and size, and the
+ *   offset), and the field and value for a `VhostUserError`
+ */
+export function describeMappingFault(
+  fault: MappingFault,
+  table: readonly RegionInfo[],
+): { message: string; field: "gpa" | "log"; value: string | number } {
+  if (fault.kind === "log") {
+    return {
+      message:
+        `dirty log (${fault.size} bytes): SIGBUS at offset ${hex(fault.offset)}: ` +
+        "its file is shorter than SET_LOG_BASE said",
+      field: "log",
+      value: fault.offset,
+    };
+  }
+  const i = table.findIndex((r) => fault.gpa >= r.gpa && fault.gpa - r.gpa < r.size);
+  const info = table[i];
+  const where = info
+    ? `memory region ${i} (gpa ${hex(info.gpa)}, size ${hex(info.size)}): SIGBUS at offset ${hex(fault.gpa - info.gpa)}`
+    : `memory at gpa ${hex(fault.gpa)}: SIGBUS`;
+  return {
+    message: `${where} (${fault.faults} page(s)): its file is shorter than the memory table says`,
+    field: "gpa",
+    value: hex(fault.gpa),
+  };
+}
