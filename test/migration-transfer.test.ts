@@ -98,3 +98,19 @@ test("mapAnonymous: zero-filled, writable, released by munmap", () => {
   native.munmap(buf);
   assert.equal(buf.byteLength, 0, "detached: no view reaches the unmapped pages");
 });
+
+test("a large state's mapping is counted as Node's external memory while it lives, and no longer once unmapped (bounded memory: unreferenced ones are collected)", async () => {
+  const data = pattern((3 << 20) + 1, 5);
+  const [r, w] = native.pipe(true);
+  const before = process.memoryUsage().external;
+  const [got] = await Promise.all([
+    readStateFromFd(r, { maxBytes: 64 << 20 }),
+    writeStateToFd(w, data, { zeroCopy: true }),
+  ]);
+  const held = process.memoryUsage().external - before;
+  assert.equal(Buffer.compare(got, data), 0);
+  assert.ok(held >= data.length, `Node counts ${held} bytes for a ${data.length}-byte state`);
+  native.munmap(got.buffer as ArrayBuffer);
+  const after = process.memoryUsage().external - before;
+  assert.ok(after < held - data.length, `still counted after munmap: ${after} bytes`);
+});

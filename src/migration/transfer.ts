@@ -218,7 +218,8 @@ export async function readStateFromFd(
     return copy;
   }
   // LIFETIME: a large state keeps its mapping (its untouched tail holds no memory); it is
-  // unmapped when the returned view is collected.
+  // unmapped when the returned view is collected. Node counts the mapping's whole length as
+  // external memory, so unreferenced ones are collected: memory stays bounded.
   return out.subarray(0, total);
 }
 
