@@ -60,23 +60,42 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-/** An echo device whose state is its counters plus `extra` bytes of opaque data. */
+/** Bytes kept for the counters (JSON) at the start of a {@link StatefulEcho} state. */
+const HEAD = 256;
+
+/**
+ * An echo device whose state is its counters plus `extra` bytes of opaque data:
+ * `u32 n | counters as JSON (n bytes, in a 256-byte slot) | extra`. The state is built once
+ * when `extra` is set and only its counters are rewritten at each save, and a loaded state is
+ * kept as it came: the device-state figure measures the channel, not the device's copies.
+ */
 class StatefulEcho extends NetTestDevice {
-  extra: Uint8Array = new Uint8Array(0);
+  #state: Uint8Array = new Uint8Array(HEAD + 4);
   loaded = 0;
   constructor() {
     super({ mode: "echo" });
   }
+  get extra(): Uint8Array {
+    return this.#state.subarray(4 + HEAD);
+  }
+  set extra(bytes: Uint8Array) {
+    const state = new Uint8Array(4 + HEAD + bytes.length);
+    state.set(bytes, 4 + HEAD);
+    this.#state = state;
+  }
   saveState(): Uint8Array {
     const head = Buffer.from(JSON.stringify(this.counters[0]));
-    const out = new Uint8Array(4 + head.length + this.extra.length);
-    new DataView(out.buffer).setUint32(0, head.length);
-    out.set(head, 4);
-    out.set(this.extra, 4 + head.length);
-    return out;
+    if (head.length > HEAD)
+      throw new RangeError(`StatefulEcho: counters take ${head.length} bytes`);
+    new DataView(this.#state.buffer, this.#state.byteOffset).setUint32(0, head.length);
+    this.#state.set(head, 4);
+    return this.#state;
   }
   loadState(data: Uint8Array): void {
+    if (data.length < 4 + HEAD)
+      throw new RangeError(`StatefulEcho.loadState: ${data.length} bytes`);
     const n = new DataView(data.buffer, data.byteOffset, data.length).getUint32(0);
+    if (n > HEAD) throw new RangeError(`StatefulEcho.loadState: counters of ${n} bytes`);
     const saved: unknown = JSON.parse(Buffer.from(data.subarray(4, 4 + n)).toString());
     const c = this.counters[0];
     if (c === undefined || typeof saved !== "object" || saved === null) {
@@ -90,7 +109,7 @@ class StatefulEcho extends NetTestDevice {
       }
       c[k] = v;
     }
-    this.extra = data.slice(4 + n);
+    this.#state = data;
     this.loaded = data.length;
   }
 }
@@ -458,10 +477,14 @@ async function main(): Promise<void> {
     }
   }
   const st = size(values.state);
-  const tp = await stateThroughput(st);
+  // Three rounds (a process's first transfer also pays for fresh memory), the median.
+  const tps: { saveMBs: number; loadMBs: number }[] = [];
+  for (let i = 0; i < 3; i++) tps.push(await stateThroughput(st));
+  const mid = (xs: number[]): number => [...xs].sort((a, b) => a - b)[1] as number;
   console.log(
-    `device state over SET_DEVICE_STATE_FD, ${st / 1048576} MiB: SAVE ${tp.saveMBs.toFixed(0)} MiB/s, ` +
-      `LOAD ${tp.loadMBs.toFixed(0)} MiB/s`,
+    `device state over SET_DEVICE_STATE_FD, ${st / 1048576} MiB, median of 3: ` +
+      `SAVE ${mid(tps.map((t) => t.saveMBs)).toFixed(0)} MiB/s, ` +
+      `LOAD ${mid(tps.map((t) => t.loadMBs)).toFixed(0)} MiB/s`,
   );
 }
 
