@@ -3,7 +3,8 @@
  * (port-state stream v2) with 0 to 16 384 learned MACs, and the stream engine alone (CRC and
  * parse) on a large section, and the device-state transfer over SET_DEVICE_STATE_FD between an
  * in-process front-end and back-end: SAVE and LOAD of a 64 MiB state (`--rounds` rounds, 5 by
- * default, each on a new connection; every round and the median), and the time of SAVE and
+ * default, each on a new connection; every round and the median; then as many on one connection
+ * to a back-end in its own process, bench/backend-process.js), and the time of SAVE and
  * LOAD of an 87-byte state with the default size caps (the channel's fixed cost: first call and
  * median of 20).
  * Prints, asserts nothing.
@@ -23,6 +24,9 @@ import { NetTestDevice } from "../src/devices/net-test-device.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
 import { loadBackendState, saveBackendState } from "../src/frontend/migration.js";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { fileURLToPath } from "node:url";
 
 /** A device whose state is a fixed blob. */
 class BlobDevice extends NetTestDevice {
@@ -80,6 +84,50 @@ async function stateRound(
     fe.close();
     ram.close();
     srv.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * SAVE and LOAD against a back-end in its own process (bench/backend-process.js): `rounds`
+ * transfers on one connection.
+ */
+async function processRounds(
+  bytes: number,
+  rounds: number,
+): Promise<{ saveMBs: number[]; loadMBs: number[] }> {
+  const dir = mkdtempSync(join(tmpdir(), "vk-bench-state-p-"));
+  const sock = join(dir, "s.sock");
+  const script = fileURLToPath(new URL("./backend-process.js", import.meta.url));
+  const child = spawn(
+    process.execPath,
+    [script, "--socket", sock, "--mode", "sink", "--state-bytes", String(bytes)],
+    { stdio: ["pipe", "pipe", "inherit"] },
+  );
+  const ram = GuestRam.create({ size: 4 << 20 });
+  let fe: VhostUserFrontend | null = null;
+  try {
+    await once(child.stdout, "data");
+    fe = await VhostUserFrontend.connect(sock);
+    await fe.negotiate();
+    await fe.start(ram, [256, 256]);
+    for (const i of [0, 1]) await fe.stopQueue(i);
+    const saveMBs: number[] = [];
+    const loadMBs: number[] = [];
+    for (let i = 0; i < rounds; i++) {
+      let t = performance.now();
+      const data = await saveBackendState(fe, { maxBytes: bytes });
+      saveMBs.push(bytes / 1048576 / ((performance.now() - t) / 1000));
+      t = performance.now();
+      await loadBackendState(fe, data);
+      loadMBs.push(bytes / 1048576 / ((performance.now() - t) / 1000));
+    }
+    return { saveMBs, loadMBs };
+  } finally {
+    fe?.close();
+    ram.close();
+    child.stdin.end();
+    await once(child, "exit");
     rmSync(dir, { recursive: true, force: true });
   }
 }
@@ -165,6 +213,13 @@ for (let i = 0; i < rounds; i++) {
 console.log(
   `device state, 64 MiB, median of ${rounds}: SAVE ${median(saves).toFixed(0)} MiB/s, ` +
     `LOAD ${median(loads).toFixed(0)} MiB/s`,
+);
+const apart = await processRounds(64 << 20, rounds);
+console.log(
+  `device state, 64 MiB, back-end in its own process, ${rounds} transfers on one connection: ` +
+    `SAVE ${apart.saveMBs.map((x) => x.toFixed(0)).join(", ")} MiB/s (median ` +
+    `${median(apart.saveMBs).toFixed(0)}), LOAD ${apart.loadMBs.map((x) => x.toFixed(0)).join(", ")} ` +
+    `MiB/s (median ${median(apart.loadMBs).toFixed(0)})`,
 );
 const tiny = await stateRound(87, 20);
 console.log(
