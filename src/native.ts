@@ -85,8 +85,8 @@ export interface NativeBinding {
    * A private, zero-filled anonymous mapping of `length` bytes (MAP_NORESERVE: memory is taken
    * only where it is written). `hugePages` asks for transparent huge pages (MADV_HUGEPAGE; a
    * hint, ignored where THP is off), so filling it takes 512 times fewer page faults. Released
-   * like an {@link mmap} buffer: {@link munmap}, or garbage collection. Node does not count it
-   * as its own memory.
+   * like an {@link mmap} buffer: {@link munmap}, or garbage collection (Node counts its whole
+   * length as external memory).
    */
   mapAnonymous(length: number, hugePages: boolean): ArrayBuffer;
   /**

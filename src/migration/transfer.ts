@@ -159,11 +159,11 @@ export async function readStateFromFd(
   options: TransferOptions & { maxBytes: number },
 ): Promise<Uint8Array> {
   const cap = options.maxBytes + 1;
-  // First into a small buffer: a small state (the usual case) costs no reservation. A large
-  // one goes on in an anonymous mapping with transparent huge pages (mapReserve), never in a
-  // buffer Node allocates: Node would count the whole reservation as its own memory and
-  // collect garbage under that "pressure" (milliseconds per transfer), and would fault its
-  // pages in one 4 KiB page at a time.
+  // First into a small buffer: a small state (the usual case) costs no reservation (Node
+  // counts a reservation's whole length as external memory and answers it with a garbage
+  // collection: milliseconds per transfer). A large one goes on in an anonymous mapping with
+  // transparent huge pages (mapReserve), not in a buffer Node allocates, whose pages would
+  // fault in one 4 KiB page at a time.
   let out = new Uint8Array(Math.min(cap, FIRST_READ));
   let mapped: ArrayBuffer | null = null;
   let total = 0;
