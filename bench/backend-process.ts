@@ -4,9 +4,12 @@
  *
  * usage: node dist/bench/backend-process.js --socket PATH --mode sink|source|echo
  *        [--frame-len N] [--queue-pairs N] [--worker] [--poll-turns N] [--busy-poll US]
+ *        [--state-bytes N]
  *
  * `--worker`: the data queues run in worker threads (NetTestDevice `workerQueues`).
  * `--busy-poll US`: busy polling on the main thread (`busyPollMicros`).
+ * `--state-bytes N`: the device saves a fixed N-byte state (SET_DEVICE_STATE_FD SAVE) and
+ * accepts a state of that size (LOAD).
  */
 import { createInterface } from "node:readline";
 import { serveBackend } from "../src/backend/server.js";
@@ -28,8 +31,19 @@ const device = new NetTestDevice({
 });
 const pollTurns = process.argv.includes("--poll-turns") ? Number(arg("poll-turns")) : undefined;
 const busyPoll = process.argv.includes("--busy-poll") ? Number(arg("busy-poll")) : undefined;
+const stateBytes = process.argv.includes("--state-bytes") ? Number(arg("state-bytes")) : 0;
+if (stateBytes > 0) {
+  const blob = new Uint8Array(stateBytes).fill(0x5a);
+  Object.assign(device, {
+    saveState: (): Uint8Array => blob,
+    loadState: (data: Uint8Array): void => {
+      if (data.length !== stateBytes) throw new RangeError(`state of ${data.length} bytes`);
+    },
+  });
+}
 const server = serveBackend(device, {
   path: arg("socket"),
+  ...(stateBytes > 0 ? { maxStateBytes: stateBytes } : {}),
   ...(pollTurns !== undefined ? { pollTurns } : {}),
   ...(busyPoll !== undefined ? { busyPollMicros: busyPoll } : {}),
 });

@@ -1,11 +1,12 @@
 /*
- * Plain fd syscalls: eventfd, pipe, dup, close, O_NONBLOCK, read, write, page size.
+ * Plain fd syscalls: eventfd, pipe, dup, close, O_NONBLOCK, read, write, vmsplice, page size.
  * Reads and writes retry on EINTR and return null on EAGAIN.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "vk.h"
@@ -187,6 +188,33 @@ static napi_value fn_write(napi_env env, napi_callback_info info) {
   return vk_number(env, (double)n);
 }
 
+/**
+ * vmsplice(fd, buffer, offset, length): number | null. Hands the pages of
+ * buffer[offset, offset+length) to a pipe without copying them (SPLICE_F_NONBLOCK; no GIFT):
+ * the pipe refers to the caller's memory until the reader has consumed it. Returns bytes
+ * queued, or null on EAGAIN. EBADF/EINVAL when fd is not the write end of a pipe.
+ */
+static napi_value fn_vmsplice(napi_env env, napi_callback_info info) {
+  vk_args a;
+  int fd;
+  uint8_t* data = NULL;
+  size_t buf_len = 0, off = 0, len = 0;
+  if (!vk_args_get(env, info, "vmsplice", &a)) return NULL;
+  if (!vk_arg_fd(&a, 0, "fd", &fd)) return NULL;
+  if (!vk_arg_bytes(&a, 1, "buffer", &data, &buf_len)) return NULL;
+  if (!vk_arg_range(&a, 2, 3, buf_len, 0, &off, &len)) return NULL;
+  if (len == 0) return vk_number(env, 0);
+  struct iovec iov = {.iov_base = data + off, .iov_len = len};
+  ssize_t n;
+  do n = vmsplice(fd, &iov, 1, SPLICE_F_NONBLOCK);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN) return vk_null(env);
+    return vk_throw_errno(env, "vmsplice", errno);
+  }
+  return vk_number(env, (double)n);
+}
+
 /** pageSize(): number */
 static napi_value fn_page_size(napi_env env, napi_callback_info info) {
   long size = sysconf(_SC_PAGESIZE);
@@ -206,6 +234,7 @@ bool vk_register_fd(napi_env env, napi_value exports) {
       {"setPipeSize", fn_set_pipe_size},
       {"read", fn_read},
       {"write", fn_write},
+      {"vmsplice", fn_vmsplice},
       {"pageSize", fn_page_size},
   };
   return vk_export_fns(env, exports, fns, sizeof fns / sizeof fns[0]);

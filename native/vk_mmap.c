@@ -98,6 +98,57 @@ void vk_mmap_env_gone(vk_state* state) {
   }
 }
 
+/**
+ * Wrap a fresh mapping in a tagged external ArrayBuffer and record it (see the file comment).
+ * On failure the mapping is released (unmapped, its fault slot unregistered) and an error thrown.
+ */
+static napi_value mapping_wrap(napi_env env, vk_state* state, const char* fn, void* addr,
+                               size_t length, int fault_slot) {
+  vk_mapping* m = calloc(1, sizeof *m);
+  if (m == NULL) {
+    vk_fault_unregister(fault_slot);
+    munmap(addr, length);
+    return vk_throw_errno(env, fn, ENOMEM);
+  }
+  m->addr = addr;
+  m->length = length;
+  m->fault_slot = fault_slot;
+  m->state = state;
+  m->creating = true;
+  state->mapping_records++;
+
+  napi_value buffer = NULL;
+  napi_status status =
+      napi_create_external_arraybuffer(env, addr, length, mapping_finalize, m, &buffer);
+  m->creating = false;
+  if (status != napi_ok) {
+    /* Node may already have called the finalizer (e.g. length above its buffer limit). If it
+     * has not, it may still run later: unmap now and leave the record to it. */
+    mapping_release(m);
+    if (m->finalized_early) {
+      free(m);
+      state->mapping_records--;
+    }
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+    }
+    char message[160];
+    snprintf(message, sizeof message,
+             "%s failed: ENOMEM (Node cannot make an ArrayBuffer of %llu bytes)", fn,
+             (unsigned long long)length);
+    return vk_throw_state(env, fn, ENOMEM, message);
+  }
+  mapping_link(m);
+  if (napi_type_tag_object(env, buffer, &kMappingTag) != napi_ok) {
+    /* The buffer still owns the mapping; its finalizer unmaps it. */
+    return vk_napi_failed(env, fn);
+  }
+  return buffer;
+}
+
 /** memfdCreate(name): number */
 static napi_value fn_memfd_create(napi_env env, napi_callback_info info) {
   vk_args a;
@@ -154,58 +205,36 @@ static napi_value fn_mmap(napi_env env, napi_callback_info info) {
   }
   if (!vk_arg_uint(&a, 2, "length", 1, (uint64_t)VK_MAX_SAFE_INTEGER, &length)) return NULL;
   if (!vk_arg_bool(&a, 3, "writable", &writable)) return NULL;
-
-  vk_mapping* m = calloc(1, sizeof *m);
-  if (m == NULL) return vk_throw_errno(env, "mmap", ENOMEM);
-  m->fault_slot = -1;
   /* A read-only mapping is still exposed as a plain ArrayBuffer: writing to it from JS faults
    * (SIGSEGV). Callers map read-only only what they never write. */
-  void* addr = mmap(NULL, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED,
-                    fd, (off_t)offset);
-  if (addr == MAP_FAILED) {
-    int err = errno;
-    free(m);
-    return vk_throw_errno(env, "mmap", err);
-  }
-  m->addr = addr;
-  m->length = (size_t)length;
+  int prot = PROT_READ | (writable ? PROT_WRITE : 0);
+  void* addr = mmap(NULL, (size_t)length, prot, MAP_SHARED, fd, (off_t)offset);
+  if (addr == MAP_FAILED) return vk_throw_errno(env, "mmap", errno);
   /* A fault beyond the end of the file (the front-end shrank it) is survived, see vk_fault.c */
-  m->fault_slot =
-      vk_fault_register(addr, (size_t)length, PROT_READ | (writable ? PROT_WRITE : 0));
-  m->state = state;
-  m->creating = true;
-  state->mapping_records++;
+  return mapping_wrap(env, state, "mmap", addr, (size_t)length,
+                      vk_fault_register(addr, (size_t)length, prot));
+}
 
-  napi_value buffer = NULL;
-  napi_status status = napi_create_external_arraybuffer(env, addr, (size_t)length,
-                                                        mapping_finalize, m, &buffer);
-  m->creating = false;
-  if (status != napi_ok) {
-    /* Node may already have called the finalizer (e.g. length above its buffer limit). If it
-     * has not, it may still run later: unmap now and leave the record to it. */
-    mapping_release(m);
-    if (m->finalized_early) {
-      free(m);
-      state->mapping_records--;
-    }
-    bool pending = false;
-    napi_is_exception_pending(env, &pending);
-    if (pending) {
-      napi_value ignored;
-      napi_get_and_clear_last_exception(env, &ignored);
-    }
-    char message[160];
-    snprintf(message, sizeof message,
-             "mmap failed: ENOMEM (Node cannot make an ArrayBuffer of %llu bytes)",
-             (unsigned long long)length);
-    return vk_throw_state(env, "mmap", ENOMEM, message);
-  }
-  mapping_link(m);
-  if (napi_type_tag_object(env, buffer, &kMappingTag) != napi_ok) {
-    /* The buffer still owns the mapping; its finalizer unmaps it. */
-    return vk_napi_failed(env, "mmap");
-  }
-  return buffer;
+/**
+ * mapAnonymous(length, hugePages): ArrayBuffer. A private zero-filled mapping (MAP_NORESERVE):
+ * it holds memory only where it is written. With hugePages, madvise(MADV_HUGEPAGE) asks for
+ * transparent huge pages (512 times fewer page faults; ignored where THP is off).
+ */
+static napi_value fn_map_anonymous(napi_env env, napi_callback_info info) {
+  vk_args a;
+  uint64_t length = 0;
+  bool huge = false;
+  if (!vk_args_get(env, info, "mapAnonymous", &a)) return NULL;
+  vk_state* state = vk_get_state(env);
+  if (state == NULL) return vk_napi_failed(env, "mapAnonymous");
+  if (!vk_arg_uint(&a, 0, "length", 1, (uint64_t)VK_MAX_SAFE_INTEGER, &length)) return NULL;
+  if (!vk_arg_bool(&a, 1, "hugePages", &huge)) return NULL;
+  void* addr = mmap(NULL, (size_t)length, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (addr == MAP_FAILED) return vk_throw_errno(env, "mmap", errno);
+  /* Advice only: a kernel without THP refuses it (EINVAL) and the mapping works as before. */
+  if (huge) (void)madvise(addr, (size_t)length, MADV_HUGEPAGE);
+  return mapping_wrap(env, state, "mapAnonymous", addr, (size_t)length, -1);
 }
 
 /** munmap(buffer): void. Idempotent. */
@@ -283,7 +312,7 @@ bool vk_register_mmap(napi_env env, napi_value exports) {
   static const vk_fn fns[] = {
       {"memfdCreate", fn_memfd_create}, {"ftruncate", fn_ftruncate}, {"fstatSize", fn_fstat_size},
       {"mmap", fn_mmap},                {"munmap", fn_munmap},
-      {"mappingFault", fn_mapping_fault},
+      {"mappingFault", fn_mapping_fault}, {"mapAnonymous", fn_map_anonymous},
   };
   return vk_export_fns(env, exports, fns, sizeof fns / sizeof fns[0]);
 }

@@ -905,6 +905,7 @@ function targets(fds: { pipeRead: number; memfd: number; sock: number }): Target
       { kind: "bool", valid: () => false },
     ),
     fn("munmap", { kind: "mmapBuffer", valid: () => new ArrayBuffer(1) }),
+    fn("mapAnonymous", { kind: "size", valid: () => PAGE }, { kind: "bool", valid: () => true }),
     fn("eventfd", { kind: "initval", valid: () => 0 }),
     fn("eventfdRead", fd()),
     fn("eventfdWrite", fd(), { kind: "eventValue", valid: () => 1 }),
@@ -914,6 +915,7 @@ function targets(fds: { pipeRead: number; memfd: number; sock: number }): Target
     fn("setNonBlocking", fd(), { kind: "bool", valid: () => true }),
     fn("read", fd(), bytes, offset, length),
     fn("write", fd(), bytes, offset, length),
+    fn("vmsplice", fd(), bytes, offset, length),
     fn(
       "unixListen",
       { kind: "path", valid: () => socketPath("args") },
@@ -995,7 +997,7 @@ describe("argument checks", () => {
         native.close(result as number);
       } else if (target.name === "pipe") {
         for (const fd of result as number[]) native.close(fd);
-      } else if (target.name === "mmap") {
+      } else if (target.name === "mmap" || target.name === "mapAnonymous") {
         native.munmap(result as ArrayBuffer);
       } else if (target.name === "FdWatcher") {
         (result as { close(): void }).close();

@@ -183,7 +183,9 @@ export interface VhostUserDevice {
   /**
    * Serialise the device's internal state for a migration (SET_DEVICE_STATE_FD, SAVE). Called
    * while the device is suspended (all rings stopped). Must not change the device: if the
-   * migration fails, the source device resumes as it was.
+   * migration fails, the source device resumes as it was. The returned bytes must stay
+   * unchanged until the transfer ends (CHECK_DEVICE_STATE): a large state is handed to the
+   * channel without copying.
    * vhost-user: "Migrating back-end state".
    */
   saveState?(): Uint8Array | Promise<Uint8Array>;

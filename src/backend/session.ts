@@ -183,6 +183,11 @@ interface StateTransfer {
   error: Error | null;
   bytes: number;
   settled: boolean;
+  /**
+   * LIFETIME: the saved state, kept (alive and unchanged) until CHECK_DEVICE_STATE or the
+   * connection's end: the zero-copy channel refers to its pages until the front-end read them.
+   */
+  data: Uint8Array | null;
 }
 
 /** Counters of one session, for stats and tests. */
@@ -1533,6 +1538,7 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       error: null,
       bytes: 0,
       settled: false,
+      data: null,
     };
     this.#transfer = transfer;
     this.#migrating = false;
@@ -1587,7 +1593,8 @@ export class BackendSession extends EventEmitter implements VringHost, DeviceCon
       throw err;
     }
     transfer.bytes = data.length;
-    await writeStateToFd(fd, data, { signal: transfer.abort.signal });
+    transfer.data = data;
+    await writeStateToFd(fd, data, { signal: transfer.abort.signal, zeroCopy: true });
   }
 
   async #loadFrom(fd: number, transfer: StateTransfer): Promise<void> {

@@ -328,9 +328,10 @@ export async function saveBackendState(
 /**
  * Load a back-end state (destination side, rings not started): a pipe whose read end (blocking)
  * goes with SET_DEVICE_STATE_FD (LOAD, phase STOPPED), or the back-end's own fd from the reply;
- * write the state (our end non-blocking) and close; then CHECK_DEVICE_STATE.
+ * write the state (our end non-blocking; a large state's pages are handed to the pipe without
+ * copying) and close; then CHECK_DEVICE_STATE.
  * @param fe the front-end (DEVICE_STATE negotiated)
- * @param data the state saved on the source
+ * @param data the state saved on the source (must not change until this returns)
  * @throws VhostUserError naming SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE when the back-end
  *   refuses the state
  * (vhost-user: "Migrating back-end state")
@@ -358,7 +359,9 @@ export async function loadBackendState(fe: VhostUserFrontend, data: Uint8Array):
     throw err;
   }
   try {
-    await writeStateToFd(writeFd, data);
+    // LIFETIME: zero copy: the pipe refers to `data` until the back-end has read it, which
+    // CHECK_DEVICE_STATE below waits for; the caller keeps `data` unchanged until we return.
+    await writeStateToFd(writeFd, data, { zeroCopy: true });
   } catch (err) {
     // EPIPE: the back-end stopped reading (it refused the state); CHECK tells why.
     const cause = (err as { cause?: { code?: string } }).cause;

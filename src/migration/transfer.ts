@@ -8,6 +8,8 @@
 import { native, POLL_READABLE, POLL_WRITABLE } from "../native.js";
 import { MigrationStreamError } from "./state-codec.js";
 
+/** First receive buffer: a state that fits is read without any reservation. */
+const FIRST_READ = 64 << 10;
 /** Receive reservation (address space; pages are mapped as the reads reach them). */
 const RESERVE = 256 << 20;
 /** States below this are copied out of the reservation. */
@@ -81,29 +83,52 @@ export interface TransferOptions {
   signal?: AbortSignal;
 }
 
+/** Options of {@link writeStateToFd}. */
+export interface WriteStateOptions extends TransferOptions {
+  /**
+   * Hand the pages of `data` to the channel instead of copying them (vmsplice), when it is a
+   * pipe and `data` is large (default false). The pipe then refers to `data` itself until its
+   * reader has read it: the caller keeps `data` alive and unchanged until the reader is known
+   * to be done (CHECK_DEVICE_STATE answered, or the channel's reader closed).
+   */
+  zeroCopy?: boolean;
+}
+
+/** Below this, zero copy saves less than the page pinning costs: the bytes are copied. */
+const ZERO_COPY_MIN = 64 << 10;
+
 /**
  * Write a whole state stream to the transfer fd, then close it (the end of the transfer).
  * @param fd the writing end (owned: closed at the end, also on error); made non-blocking
  * @param data the stream
- * @param options abort signal
+ * @param options abort signal; zero copy (see {@link WriteStateOptions.zeroCopy})
  * @throws MigrationStreamError IO when a write fails (e.g. EPIPE), ABORTED
  * (vhost-user: "Migrating back-end state")
  */
 export async function writeStateToFd(
   fd: number,
   data: Uint8Array,
-  options: TransferOptions = {},
+  options: WriteStateOptions = {},
 ): Promise<void> {
   try {
     native.setNonBlocking(fd, true);
     widenPipe(fd);
+    let splice = options.zeroCopy === true && data.length >= ZERO_COPY_MIN;
     const spins = { n: 0 };
     let off = 0;
     while (off < data.length) {
       let n: number | null;
       try {
-        n = native.write(fd, data, off, data.length - off);
+        n = splice
+          ? native.vmsplice(fd, data, off, data.length - off)
+          : native.write(fd, data, off, data.length - off);
       } catch (err) {
+        const code = (err as { code?: string }).code;
+        if (splice && (code === "EBADF" || code === "EINVAL")) {
+          // Not a pipe (a back-end's own channel may be anything): copy instead.
+          splice = false;
+          continue;
+        }
         throw new MigrationStreamError("IO", `write to the transfer fd failed at byte ${off}`, {
           field: "fd",
           value: fd,
@@ -133,20 +158,27 @@ export async function readStateFromFd(
   fd: number,
   options: TransferOptions & { maxBytes: number },
 ): Promise<Uint8Array> {
-  // LIFETIME: read straight into one zero-filled reservation: the kernel maps its pages only
-  // as the reads reach them, so memory follows the bytes received, nothing is copied while it
-  // fills, and a large state pays one page fault per page (fresh pages dominate the cost of a
-  // large transfer). Past the reservation it doubles, capped at maxBytes + 1.
-  let out = new Uint8Array(Math.min(options.maxBytes + 1, RESERVE));
+  const cap = options.maxBytes + 1;
+  // First into a small buffer: a small state (the usual case) costs no reservation (Node
+  // counts a reservation's whole length as external memory and answers it with a garbage
+  // collection: milliseconds per transfer). A large one goes on in an anonymous mapping with
+  // transparent huge pages (mapReserve), not in a buffer Node allocates, whose pages would
+  // fault in one 4 KiB page at a time.
+  let out = new Uint8Array(Math.min(cap, FIRST_READ));
+  let mapped: ArrayBuffer | null = null;
   let total = 0;
+  let done = false;
   try {
     native.setNonBlocking(fd, true);
     widenPipe(fd);
     const spins = { n: 0 };
     for (;;) {
       if (total === out.length) {
-        const grown = new Uint8Array(Math.min(out.length * 2, options.maxBytes + 1));
-        grown.set(out);
+        const next = mapReserve(Math.min(cap, Math.max(RESERVE, total * 2)));
+        const grown = new Uint8Array(next);
+        grown.set(out.subarray(0, total));
+        if (mapped) native.munmap(mapped);
+        mapped = next;
         out = grown;
       }
       let n: number | null;
@@ -173,10 +205,28 @@ export async function readStateFromFd(
         });
       }
     }
+    done = true;
   } finally {
     native.close(fd);
+    // LIFETIME: a failed transfer releases its reservation now, not at some later collection.
+    if (!done && mapped) native.munmap(mapped);
   }
-  // A small state is copied out of its reservation; a large one keeps it (its untouched tail
-  // holds no memory).
-  return total < SMALL_STATE ? out.slice(0, total) : out.subarray(0, total);
+  if (mapped === null) return out.slice(0, total);
+  if (total < SMALL_STATE) {
+    const copy = out.slice(0, total);
+    native.munmap(mapped);
+    return copy;
+  }
+  // LIFETIME: a large state keeps its mapping (its untouched tail holds no memory); it is
+  // unmapped when the returned view is collected. Node counts the mapping's whole length as
+  // external memory, so unreferenced ones are collected: memory stays bounded.
+  return out.subarray(0, total);
+}
+
+/** Huge-page size: reservations are whole multiples of it. */
+const HUGE_PAGE = 2 << 20;
+
+/** A zero-filled reservation of at least `bytes` (rounded up to whole huge pages). */
+function mapReserve(bytes: number): ArrayBuffer {
+  return native.mapAnonymous(Math.ceil(bytes / HUGE_PAGE) * HUGE_PAGE, true);
 }
