@@ -361,9 +361,11 @@ async function qemuMigration(memMiB: number): Promise<{ downtimeMs: number; tota
   const guests: Guest[] = [];
   try {
     const nic = { mode: "client" as const, guestAnnounceOff: true };
+    // Exactly memMiB (no TCG workaround slack): QEMU's downtime for the same RAM size.
     const src = await startGuest({
       name: "bm-src",
       memMiB,
+      ramSlackKiB: 0,
       nics: [{ socketPath: ends.pathA, ...nic }],
     });
     guests.push(src);
@@ -371,6 +373,7 @@ async function qemuMigration(memMiB: number): Promise<{ downtimeMs: number; tota
     const dst = await startGuest({
       name: "bm-dst",
       memMiB,
+      ramSlackKiB: 0,
       incoming: `tcp:127.0.0.1:${port}`,
       nics: [{ socketPath: ends.pathB, ...nic }],
     });

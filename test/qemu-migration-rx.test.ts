@@ -22,13 +22,13 @@
  *   before a receive ring (no receive buffer, port down) or that VXLAN over loopback lost
  *   (uplink A sent minus uplink B received): sent = InEchos + those drops, exactly;
  * - the stream reached the destination: the guest answers numbers sent after the switch-over;
- * - the destination's RAM, compared page by page with the source's at the switch-over (the
- *   destination starts paused, `-S`, and both are read with QEMU's `pmemsave`), holds the
- *   source's rings: no page of a descriptor table, available or used ring differs (a used entry
- *   written after the stop, or written without its dirty-log mark, would). Other differing pages
- *   are printed with their bytes; in runs on a loaded machine a page of guest kernel stack was
- *   seen differing (a write by QEMU's TCG vCPU, which no back-end makes), followed by a guest
- *   crash on the destination.
+ * - the destination's RAM equals the source's at the switch-over, page for page (the
+ *   destination starts paused, `-S`; both are read with QEMU's `pmemsave`): a used entry or a
+ *   receive buffer written after the stop, or without its dirty-log mark, would leave a stale
+ *   page. The guests run with RAM that is not a multiple of 256 KiB
+ *   (`TCG_DIRTY_SYNC_SLACK_KIB` in peers/qemu.ts): with 256 MiB exactly, QEMU 7.2's TCG loses
+ *   guest stores during a migration (seen here as a stale guest kernel stack page and a
+ *   destination crash; fixed in QEMU 9.0).
  * The replies themselves may be lost on the way back (the sender's own receive ring is small);
  * the test therefore asserts delivery with the guest's counters, and uses the replies for
  * duplicates and for the numbers that came through.
@@ -51,7 +51,7 @@ import { uaddr } from "../src/memory/address.js";
 import { arpRequest, attachTestGuest, icmpEcho, ipv4 } from "./fixtures/switch-frames.js";
 import type { TestGuest } from "./fixtures/switch-frames.js";
 import { LineLogger } from "./helpers.js";
-import { freeTcpPort, startGuest } from "./peers/qemu.js";
+import { TCG_DIRTY_SYNC_SLACK_KIB, freeTcpPort, startGuest } from "./peers/qemu.js";
 import type { Guest, MigrationInfo } from "./peers/qemu.js";
 import {
   differingPages,
@@ -251,7 +251,6 @@ test(
     const log = new LineLogger();
     await withRig("vk-qmigrx-", async (rig) => {
       const { dir, cleanups } = rig;
-      let staleNote = "";
       try {
         const swA = new Switch({ logger: log });
         const swB = new Switch({ logger: log });
@@ -326,22 +325,24 @@ test(
         const sentAtSwitchOver = stream.sent;
         // The destination stays paused (-S) until its memory was compared with the source's.
         await dst.waitStatus("paused", 30_000);
-        const stale = await differingPages(rig, src, dst, GUEST_MEM_MIB << 20);
+        const stale = await differingPages(
+          rig,
+          src,
+          dst,
+          (GUEST_MEM_MIB << 20) + TCG_DIRTY_SYNC_SLACK_KIB * 1024,
+        );
         await dst.qmp("cont");
         await dst.waitStatus("running", 30_000);
-        // Every page of the rings the device writes (used entries, flags, avail_event) and reads
-        // must be the source's; a differing page elsewhere is reported with its bytes.
-        const staleRings = stale.filter((p) => ringPages.has(p.gpa));
-        if (stale.length > 0) {
-          staleNote =
-            `\n(${stale.length} guest page(s) differed between source and destination at the ` +
-            `switch-over, none of them a ring page: ${JSON.stringify(stale.slice(0, 2))})`;
-          console.log(
-            `pages that differ between source and destination: ${stale.length}, ` +
-              `${staleRings.length} of them ring pages; ${JSON.stringify(stale.slice(0, 4))}`,
-          );
-        }
-        assert.deepEqual(staleRings, [], "no ring page differs between source and destination");
+        // Every page the guest or the device wrote before the stop reached the destination: a
+        // used entry or a receive buffer written after the stop, or written without its dirty-log
+        // mark, would leave a page here (ring pages are named apart).
+        const staleRings = stale.filter((p) => ringPages.has(p.gpa)).map((p) => p.gpa);
+        assert.deepEqual(
+          stale.map((p) => p.gpa),
+          [],
+          `pages differing between source and destination (ring pages ${JSON.stringify(staleRings)}): ` +
+            JSON.stringify(stale.slice(0, 3)),
+        );
         // The stream goes on until the guest answers from the destination (QEMU's SEND_RARP
         // moves the guest's MAC to the uplink once the destination runs).
         await until(
@@ -439,7 +440,6 @@ test(
         );
       } catch (e) {
         if (e instanceof Error) {
-          e.message += staleNote;
           e.message += `\n(switch log tail:\n${log.lines.slice(-30).join("\n")})`;
         }
         throw e;
