@@ -45,6 +45,8 @@ export class DirtyLog {
   readonly #pendWord = new Int32Array(PENDING_CAPACITY);
   readonly #pendMask = new Int32Array(PENDING_CAPACITY);
   #pendCount = 0;
+  /** the page of the last single-page mark since the last flush (-1: none) */
+  #lastPage = -1;
 
   /**
    * Wrap a bitmap.
@@ -95,9 +97,14 @@ export class DirtyLog {
    */
   mark(gpa: number, len: number): void {
     if (len === 0) return;
-    this.check(gpa, len);
     const first = Math.floor(gpa / LOG_PAGE_SIZE);
     const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
+    // The page marked last is pending already (the data path marks a used element, a header
+    // and a frame that mostly share pages): nothing to add. It was checked when it was marked,
+    // and a range inside it is in bounds (NaN or a negative length never compares equal).
+    if (first === this.#lastPage && last === first && len > 0) return;
+    this.check(gpa, len);
+    if (first === last) this.#lastPage = first;
     // page < 2^36 (size <= 2^33): word indexes < 2^31, so plain division is exact.
     const fw = Math.floor(first / 32);
     const lw = Math.floor(last / 32);
@@ -144,6 +151,9 @@ export class DirtyLog {
    * whose pages are not yet logged.
    */
   flush(): void {
+    // ORDERING: after a flush the front-end may clear a page's bit (its log sync): the next
+    // write to the page must mark it again.
+    this.#lastPage = -1;
     const n = this.#pendCount;
     for (let i = 0; i < n; i++) {
       this.#orWord(this.#pendWord[i] as number, this.#pendMask[i] as number);
