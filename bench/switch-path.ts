@@ -25,7 +25,7 @@ import { GuestMemory, createRegion } from "../src/memory/guest-memory.js";
 import { Switch } from "../src/net/switch.js";
 import { VirtioNetDevice } from "../src/net/virtio-net.js";
 import { featureSet, VirtioFeature } from "../src/protocol/constants.js";
-import { readChain, writeChain } from "../src/virtq/chain-io.js";
+import { readChain, writeChain, writeChainFrame } from "../src/virtq/chain-io.js";
 import { splitRingPlacement } from "../src/virtq/layout.js";
 import { SplitDeviceQueue, SplitDriverQueue } from "../src/virtq/split.js";
 import type { DescChain, Segment } from "../src/virtq/types.js";
@@ -71,6 +71,9 @@ class BenchQueue implements BackendQueue {
   }
   write(chain: DescChain, src: Uint8Array, offset = 0): number {
     return writeChain(this.memory, chain, src, offset);
+  }
+  writeFrame(chain: DescChain, hdr: Uint8Array, hdrLen: number, data: Uint8Array): number {
+    return writeChainFrame(this.memory, chain, hdr, hdrLen, data);
   }
   markBroken(reason: string): void {
     throw new Error(`queue ${this.index} broken: ${reason}`);

@@ -45,8 +45,9 @@ export class DirtyLog {
   readonly #pendWord = new Int32Array(PENDING_CAPACITY);
   readonly #pendMask = new Int32Array(PENDING_CAPACITY);
   #pendCount = 0;
-  /** the page of the last single-page mark since the last flush (-1: none) */
-  #lastPage = -1;
+  /** the pages of the last two single-page marks since the last flush (NaN: none) */
+  #lastPage = NaN;
+  #lastPage2 = NaN;
 
   /**
    * Wrap a bitmap.
@@ -99,12 +100,18 @@ export class DirtyLog {
     if (len === 0) return;
     const first = Math.floor(gpa / LOG_PAGE_SIZE);
     const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
-    // The page marked last is pending already (the data path marks a used element, a header
-    // and a frame that mostly share pages): nothing to add. It was checked when it was marked,
-    // and a range inside it is in bounds (NaN or a negative length never compares equal).
-    if (first === this.#lastPage && last === first && len > 0) return;
+    // A page among the last two marked is pending already (the data path marks receive
+    // buffers and used elements, which mostly fall in the pages marked just before): nothing
+    // to add. It was checked when it was marked, and a range inside it is in bounds (NaN or a
+    // negative length never compares equal).
+    if (last === first && len > 0 && (first === this.#lastPage || first === this.#lastPage2)) {
+      return;
+    }
     this.check(gpa, len);
-    if (first === last) this.#lastPage = first;
+    if (first === last) {
+      this.#lastPage2 = this.#lastPage;
+      this.#lastPage = first;
+    }
     // page < 2^36 (size <= 2^33): word indexes < 2^31, so plain division is exact.
     const fw = Math.floor(first / 32);
     const lw = Math.floor(last / 32);
@@ -153,7 +160,8 @@ export class DirtyLog {
   flush(): void {
     // ORDERING: after a flush the front-end may clear a page's bit (its log sync): the next
     // write to the page must mark it again.
-    this.#lastPage = -1;
+    this.#lastPage = NaN;
+    this.#lastPage2 = NaN;
     const n = this.#pendCount;
     for (let i = 0; i < n; i++) {
       this.#orWord(this.#pendWord[i] as number, this.#pendMask[i] as number);

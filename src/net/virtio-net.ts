@@ -966,7 +966,10 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       const c = held[0] as DescChain;
       const h = this.#rxHdr;
       this.#buildHeader(h, frame, 1);
-      const w = queue.write(c, hl === 12 ? h : this.#rxHdr10) + queue.write(c, d, hl);
+      const w =
+        queue.writeFrame !== undefined
+          ? queue.writeFrame(c, h, hl, d)
+          : queue.write(c, hl === 12 ? h : this.#rxHdr10) + queue.write(c, d, hl);
       queue.pushUsed(c, w);
       this.#heldBytes[pair] = (this.#heldBytes[pair] as number) - c.writableLength;
       if (held.length === 1) held.pop();
