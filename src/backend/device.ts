@@ -38,6 +38,8 @@ export interface BackendQueue {
   /**
    * Take the next available chain, or null. A malformed ring marks the queue broken (the
    * front-end is told through the ring's err eventfd) and null is returned.
+   * LIFETIME: the chain object is valid until it is pushed to used or cancelled; a split ring
+   * reuses it for a later pop of the same head.
    */
   pop(): DescChain | null;
   /**
