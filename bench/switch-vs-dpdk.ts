@@ -88,7 +88,7 @@ function parseOptions(argv: readonly string[]): Options {
 }
 
 /** A running middle: its two socket paths and how to stop it. */
-interface MiddleHandle {
+export interface MiddleHandle {
   sockets: [string, string];
   close(): Promise<void>;
 }
@@ -113,7 +113,15 @@ async function startDpdkMiddle(dir: string, queues: number): Promise<MiddleHandl
   return { sockets: [a, b], close: () => tp.close() };
 }
 
-async function startSwitchMiddle(
+/**
+ * `vhostkit switch` with two ports (`a.sock`, `b.sock` in `dir`), pinned to core 0.
+ * @param dir where the sockets go
+ * @param queues queue pairs per port
+ * @param busy busy polling (`--busy-poll`) or event mode
+ * @param cpuProfDir run under `node --cpu-prof` into this directory, or null
+ * @returns the sockets and how to stop the switch
+ */
+export async function startSwitchMiddle(
   dir: string,
   queues: number,
   busy: boolean,

@@ -38,6 +38,8 @@ export interface BackendQueue {
   /**
    * Take the next available chain, or null. A malformed ring marks the queue broken (the
    * front-end is told through the ring's err eventfd) and null is returned.
+   * LIFETIME: the chain object is valid until it is pushed to used or cancelled; a split ring
+   * reuses it for a later pop of the same head.
    */
   pop(): DescChain | null;
   /**
@@ -72,6 +74,13 @@ export interface BackendQueue {
    *   once the ring is stopped: a stopped ring writes no guest memory)
    */
   write(chain: DescChain, src: Uint8Array, offset?: number): number;
+  /**
+   * Write a header (its first `hdrLen` bytes) and then `data` at the start of the chain's
+   * writable segments, marking the dirty log: {@link write} twice, in one pass when the first
+   * segment holds both (optional: a device falls back to two writes).
+   * @returns the number of bytes copied (0 once the ring is stopped)
+   */
+  writeFrame?(chain: DescChain, hdr: Uint8Array, hdrLen: number, data: Uint8Array): number;
   /** why the queue was marked broken (it is then no longer processed), or null */
   readonly broken: string | null;
   /**

@@ -12,7 +12,7 @@ import { uaddr as toUaddr } from "../memory/address.js";
 import { createDeviceQueue } from "../virtq/device-queue.js";
 import { splitRingSizes, packedRingSizes } from "../virtq/layout.js";
 import type { DeviceQueue, DescChain, QueueBase } from "../virtq/types.js";
-import { readChain, writeChain } from "../virtq/chain-io.js";
+import { readChain, writeChain, writeChainFrame } from "../virtq/chain-io.js";
 import type { BackendQueue, Logger, WorkerQueueSpec } from "./device.js";
 import { QueueWorker } from "./worker-queue.js";
 import type {
@@ -856,6 +856,21 @@ export class Vring implements BackendQueue {
     const mem = this.#memory;
     if (this.#queue === null || mem === null) return 0;
     return writeChain(mem, chain, src, offset);
+  }
+
+  /**
+   * Header then frame into the chain's writable segments, marking the dirty log; nothing once
+   * the ring is not running (as {@link write}).
+   * @param chain a chain popped from this ring
+   * @param hdr the header
+   * @param hdrLen bytes of `hdr` to write
+   * @param data the frame, after the header
+   * @returns the number of bytes written (0 when the ring is not running)
+   */
+  writeFrame(chain: DescChain, hdr: Uint8Array, hdrLen: number, data: Uint8Array): number {
+    const mem = this.#memory;
+    if (this.#queue === null || mem === null) return 0;
+    return writeChainFrame(mem, chain, hdr, hdrLen, data);
   }
 
   /** The device-side ring while started (for tests and the session's own bookkeeping). */

@@ -45,6 +45,9 @@ export class DirtyLog {
   readonly #pendWord = new Int32Array(PENDING_CAPACITY);
   readonly #pendMask = new Int32Array(PENDING_CAPACITY);
   #pendCount = 0;
+  /** the pages of the last two single-page marks since the last flush (NaN: none) */
+  #lastPage = NaN;
+  #lastPage2 = NaN;
 
   /**
    * Wrap a bitmap.
@@ -95,9 +98,23 @@ export class DirtyLog {
    */
   mark(gpa: number, len: number): void {
     if (len === 0) return;
+    const end = gpa + len - 1;
+    // Integer shifts below 2^31 (most guest addresses): cheaper than dividing doubles.
+    const small = gpa >= 0 && end < 0x80000000;
+    const first = small ? gpa >> LOG_PAGE_SHIFT : Math.floor(gpa / LOG_PAGE_SIZE);
+    const last = small ? end >> LOG_PAGE_SHIFT : Math.floor(end / LOG_PAGE_SIZE);
+    // A page among the last two marked is pending already (the data path marks receive
+    // buffers and used elements, which mostly fall in the pages marked just before): nothing
+    // to add. It was checked when it was marked, and a range inside it is in bounds (NaN or a
+    // negative length never compares equal).
+    if (last === first && len > 0 && (first === this.#lastPage || first === this.#lastPage2)) {
+      return;
+    }
     this.check(gpa, len);
-    const first = Math.floor(gpa / LOG_PAGE_SIZE);
-    const last = Math.floor((gpa + len - 1) / LOG_PAGE_SIZE);
+    if (first === last) {
+      this.#lastPage2 = this.#lastPage;
+      this.#lastPage = first;
+    }
     // page < 2^36 (size <= 2^33): word indexes < 2^31, so plain division is exact.
     const fw = Math.floor(first / 32);
     const lw = Math.floor(last / 32);
@@ -144,6 +161,10 @@ export class DirtyLog {
    * whose pages are not yet logged.
    */
   flush(): void {
+    // ORDERING: after a flush the front-end may clear a page's bit (its log sync): the next
+    // write to the page must mark it again.
+    this.#lastPage = NaN;
+    this.#lastPage2 = NaN;
     const n = this.#pendCount;
     for (let i = 0; i < n; i++) {
       this.#orWord(this.#pendWord[i] as number, this.#pendMask[i] as number);

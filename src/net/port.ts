@@ -158,6 +158,12 @@ export interface PortHost {
    * @param frame the frame
    */
   receive(from: SwitchPort, frame: Frame): void;
+  /**
+   * A batch of {@link receive} calls from one port begins (optional; a port that takes a burst
+   * from its ring calls it first and {@link flush} after the burst): the host may then read
+   * its clock once for the batch.
+   */
+  beginBatch?(): void;
   /** Let every port that took frames since the last flush publish them (one call per batch). */
   flush(): void;
   /**

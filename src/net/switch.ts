@@ -36,6 +36,8 @@ export const DEFAULT_AGEING_MS = 300_000;
 export const DEFAULT_MAX_MACS = 16_384;
 /** Largest GSO segment the switch builds (headers + gso_size). */
 const SEGMENT_BUFFER = 65_536 + 512;
+/** Entries of the MAC lookup cache in front of the table (a power of 2). */
+const MAC_CACHE = 256;
 
 /** Options of {@link Switch}. */
 export interface SwitchOptions {
@@ -129,6 +131,20 @@ export class Switch implements PortHost {
   };
   readonly #segBuf = new Uint8Array(SEGMENT_BUFFER);
   readonly #segFrame: Frame = { data: new Uint8Array(0), meta: { dataValid: true } };
+  /**
+   * A direct-mapped cache in front of `#macs`, keyed by the MAC as two int32 halves, so that
+   * the per-frame learn and lookup build no number above 2^31 (a heap number in V8) and hash
+   * nothing. It holds the table's own slot objects (a move or a refresh updates them in place);
+   * any removal from the table empties it ({@link Switch.#macsChanged}).
+   */
+  readonly #cacheHi = new Int32Array(MAC_CACHE).fill(-1);
+  readonly #cacheLo = new Int32Array(MAC_CACHE);
+  readonly #cacheSlot: (MacSlot | null)[] = new Array<MacSlot | null>(MAC_CACHE).fill(null);
+  #cacheUsed = false;
+  /** the last port found to be in the switch by {@link receive} (a burst comes from one port) */
+  #lastFrom: SwitchPort | null = null;
+  /** the clock read once for a port's batch ({@link Switch.beginBatch}), or NaN */
+  #batchNow = NaN;
   #sweepTimer: NodeJS.Timeout | null = null;
   #lastFullSweep = -Infinity;
   #learnOverflows = 0;
@@ -183,6 +199,7 @@ export class Switch implements PortHost {
     const p = typeof port === "string" ? this.#byName.get(port) : port;
     if (p === undefined || this.#byName.get(p.name) !== p) return false;
     this.#ports.splice(this.#ports.indexOf(p), 1);
+    if (this.#lastFrom === p) this.#lastFrom = null;
     this.#byName.delete(p.name);
     this.#dirty.delete(p);
     this.flushMacs(p);
@@ -225,7 +242,10 @@ export class Switch implements PortHost {
    */
   receive(from: SwitchPort, frame: Frame): void {
     const c = from.counters;
-    if (this.#byName.get(from.name) !== from) return;
+    if (from !== this.#lastFrom) {
+      if (this.#byName.get(from.name) !== from) return;
+      this.#lastFrom = from;
+    }
     if (!from.up) {
       c.drops["port-down"]++;
       return;
@@ -237,22 +257,31 @@ export class Switch implements PortHost {
     }
     c.rxPackets++;
     c.rxBytes += d.length;
-    const now = this.#clock();
+    const batchNow = this.#batchNow;
+    const now = batchNow === batchNow ? batchNow : this.#clock();
     // Learn the source unless it is a group address (or all zeros).
     if (((d[6] as number) & 1) === 0) {
-      const src = macKey(d, 6);
-      if (src !== 0) this.#learn(src, from, now);
+      const known = this.#cached(d, 6);
+      if (known !== null && known.port === from) known.seen = now;
+      else {
+        const src = macKey(d, 6);
+        if (src !== 0) this.#learn(src, from, now);
+      }
     }
     if (((d[0] as number) & 1) !== 0) {
       this.#flood(from, frame);
     } else {
-      const dst = macKey(d, 0);
-      const slot = this.#macs.get(dst);
+      let slot = this.#cached(d, 0) ?? undefined;
+      const dst = slot === undefined ? macKey(d, 0) : 0;
+      if (slot === undefined) slot = this.#macs.get(dst);
       if (slot !== undefined && now - slot.seen < this.ageingMs && slot.port.up) {
         if (slot.port === from) c.drops.hairpin++;
         else this.#deliverTo(from, slot.port, frame);
       } else {
-        if (slot !== undefined) this.#macs.delete(dst);
+        if (slot !== undefined) {
+          this.#macs.delete(macKey(d, 0));
+          this.#macsChanged();
+        }
         this.#flood(from, frame);
       }
     }
@@ -262,8 +291,47 @@ export class Switch implements PortHost {
     }
   }
 
+  /**
+   * A port begins a batch of {@link receive} calls (a burst taken from its transmit ring): the
+   * clock is read once for the batch, until {@link flush} ends it.
+   */
+  beginBatch(): void {
+    this.#batchNow = this.#clock();
+  }
+
+  /**
+   * The table's slot of the unicast MAC at `d[off, off + 6)`, from the lookup cache (filled
+   * from the table on a miss), or null when the table has none.
+   */
+  #cached(d: Uint8Array, off: number): MacSlot | null {
+    const hi = ((d[off] as number) << 8) | (d[off + 1] as number);
+    const lo =
+      ((d[off + 2] as number) << 24) |
+      ((d[off + 3] as number) << 16) |
+      ((d[off + 4] as number) << 8) |
+      (d[off + 5] as number);
+    const i = (lo ^ (lo >>> 8) ^ (lo >>> 16) ^ hi) & (MAC_CACHE - 1);
+    if (this.#cacheHi[i] === hi && this.#cacheLo[i] === lo) return this.#cacheSlot[i] ?? null;
+    const slot = this.#macs.get(hi * 4294967296 + (lo >>> 0));
+    if (slot === undefined) return null;
+    this.#cacheHi[i] = hi;
+    this.#cacheLo[i] = lo;
+    this.#cacheSlot[i] = slot;
+    this.#cacheUsed = true;
+    return slot;
+  }
+
+  /** A MAC left the table: the lookup cache may hold its slot, so it is emptied. */
+  #macsChanged(): void {
+    if (!this.#cacheUsed) return;
+    this.#cacheUsed = false;
+    this.#cacheHi.fill(-1);
+    this.#cacheSlot.fill(null);
+  }
+
   /** Flush every port that took frames since the last flush (one notification per batch). */
   flush(): void {
+    this.#batchNow = NaN;
     if (this.#dirty.size === 0) return;
     const dirty = [...this.#dirty];
     this.#dirty.clear();
@@ -391,6 +459,7 @@ export class Switch implements PortHost {
       const age = now - slot.seen;
       if (age >= this.ageingMs) {
         this.#macs.delete(key);
+        this.#macsChanged();
         continue;
       }
       rows.push({ mac: formatMac(key), port: slot.port.name, age });
@@ -464,6 +533,7 @@ export class Switch implements PortHost {
       const age = now - slot.seen;
       if (age >= this.ageingMs) {
         this.#macs.delete(key);
+        this.#macsChanged();
         continue;
       }
       out.push({ mac: formatMac(key), ageMs: age });
@@ -502,7 +572,9 @@ export class Switch implements PortHost {
    * @returns true when it was known
    */
   forgetMac(mac: string | Uint8Array): boolean {
-    return this.#macs.delete(macKey(toMacBytes(mac)));
+    const gone = this.#macs.delete(macKey(toMacBytes(mac)));
+    this.#macsChanged();
+    return gone;
   }
 
   /**
@@ -514,12 +586,14 @@ export class Switch implements PortHost {
     if (port === undefined) {
       const n = this.#macs.size;
       this.#macs.clear();
+      this.#macsChanged();
       return n;
     }
     let n = 0;
     for (const [key, slot] of this.#macs) {
       if (slot.port === port) {
         this.#macs.delete(key);
+        this.#macsChanged();
         n++;
       }
     }
@@ -537,6 +611,7 @@ export class Switch implements PortHost {
     for (const [key, slot] of this.#macs) {
       if (now - slot.seen >= this.ageingMs) {
         this.#macs.delete(key);
+        this.#macsChanged();
         n++;
       }
     }
@@ -567,6 +642,7 @@ export class Switch implements PortHost {
     this.flush();
     for (const p of [...this.#ports]) this.removePort(p);
     this.#macs.clear();
+    this.#macsChanged();
     if (this.#sweepTimer) clearInterval(this.#sweepTimer);
     this.#sweepTimer = null;
     this.#closed = true;

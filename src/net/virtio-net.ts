@@ -773,6 +773,8 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
     const buf = this.#txBuf;
     let budget = this.#txBudget;
     let chain: DescChain | null;
+    // One clock reading for the burst; the host's flush below ends the batch.
+    this.#host?.beginBatch?.();
     while (budget > 0 && (chain = queue.pop()) !== null) {
       budget--;
       if (!enabled) {
@@ -867,7 +869,10 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       meta.gso = g;
     }
     const frame = this.#txFrame;
-    frame.data = b.subarray(off + hl, off + len);
+    // A view of the driver's buffer, built from the ArrayBuffer directly: `subarray` looks up
+    // the species constructor per call (28 ns against 18 ns measured), and copying a 64-byte
+    // frame into a scratch buffer with a byte loop cost 105 ns (a DataView word loop 30 ns).
+    frame.data = new Uint8Array(b.buffer, b.byteOffset + off + hl, frameLen);
     this.pairCounters[pair]!.txFrames++;
     const st = this.state;
     if (st.mac === null && ((b[off + hl + 6] as number) & 1) === 0) {
@@ -961,10 +966,13 @@ export class VirtioNetDevice implements VhostUserDevice, SwitchPort, CtrlTarget 
       const c = held[0] as DescChain;
       const h = this.#rxHdr;
       this.#buildHeader(h, frame, 1);
-      const w = queue.write(c, hl === 12 ? h : this.#rxHdr10) + queue.write(c, d, hl);
+      const w =
+        queue.writeFrame !== undefined
+          ? queue.writeFrame(c, h, hl, d)
+          : queue.write(c, hl === 12 ? h : this.#rxHdr10) + queue.write(c, d, hl);
       queue.pushUsed(c, w);
       this.#heldBytes[pair] = (this.#heldBytes[pair] as number) - c.writableLength;
-      if (held.length === 1) held.length = 0;
+      if (held.length === 1) held.pop();
       else held.shift();
       this.pairCounters[pair]!.rxFrames++;
       this.#rxDirty[pair] = true;

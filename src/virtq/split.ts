@@ -159,8 +159,11 @@ function ringPlace(
 /**
  * The device side of a split virtqueue (VIRTIO 1.2 §2.7).
  *
- * Chains returned by pop() are fresh objects the caller owns (no reuse). Their segments are
- * checked to lie inside guest memory; a segment spanning two adjacent regions is split into
+ * LIFETIME: a chain returned by pop() belongs to the queue: it is valid until it is pushed to
+ * used or cancelled, after which the queue reuses the object (and its segment objects) for a
+ * later pop of the same head (no allocation per chain on the data path). A device that keeps a
+ * chain's fields after pushUsed copies them first. Its segments are checked to lie inside
+ * guest memory; a segment spanning two adjacent regions is split into
  * one segment per region; zero-length descriptors yield no segment.
  *
  * Chain walking rules: head and next indexes < size ("avail.ring", "desc.next"); a descriptor
@@ -209,6 +212,12 @@ export class SplitDeviceQueue implements DeviceQueue {
   #rlen = 0;
   #wlen = 0;
   #count = 0;
+  /** segments filled in so far in the chain being walked (readable, writable) */
+  #nr = 0;
+  #nw = 0;
+  /** one reusable chain object per head, and whether it is in flight */
+  readonly #pool: (DescChain | null)[];
+  readonly #poolBusy: Uint8Array;
 
   /**
    * Attach to a split ring the driver has set up (vhost-user: SET_VRING_NUM, SET_VRING_ADDR,
@@ -252,6 +261,8 @@ export class SplitDeviceQueue implements DeviceQueue {
     // ORDERING: the used index is re-read from guest memory whenever a ring is (re)started.
     this.#usedIdx = Atomics.load(this.#usedU16, 1);
     this.#stamp = new Uint32Array(size);
+    this.#pool = new Array<DescChain | null>(size).fill(null);
+    this.#poolBusy = new Uint8Array(size);
   }
 
   /** @returns the next available index to process (free-running u16) */
@@ -284,6 +295,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     if (!this.#inFlight.isTail(chains)) return false;
     const n = chains.length;
     this.#inFlight.dropTail(n);
+    for (const c of chains) this.#release(c);
     this.#lastAvail = (this.#lastAvail - n) & 0xffff;
     return true;
   }
@@ -347,15 +359,35 @@ export class SplitDeviceQueue implements DeviceQueue {
     return e;
   }
 
+  /** The pooled chain of a head goes back to the pool (pushed to used, or cancelled). */
+  #release(chain: DescChain): void {
+    const h = chain.head;
+    if (this.#pool[h] === chain) this.#poolBusy[h] = 0;
+  }
+
   #walk(head: number): DescChain {
     if (head >= this.size) {
       throw this.#error("avail.ring", head, `head index out of range (queue size ${this.size})`);
     }
-    const readable: Segment[] = [];
-    const writable: Segment[] = [];
+    // The head's pooled chain, unless it is in flight (a driver that makes a head available
+    // twice gets a second, fresh object, as before pooling). A walk that throws leaves the
+    // pooled object unused: it is not in flight, so nobody sees the partial fill.
+    let chain = this.#pool[head] ?? null;
+    let pooled = true;
+    if (chain === null) {
+      chain = newChain(head);
+      this.#pool[head] = chain;
+    } else if (this.#poolBusy[head] !== 0) {
+      chain = newChain(head);
+      pooled = false;
+    }
+    const readable = chain.readable;
+    const writable = chain.writable;
     this.#rlen = 0;
     this.#wlen = 0;
     this.#count = 0;
+    this.#nr = 0;
+    this.#nw = 0;
     const epoch = this.#nextEpoch();
     const stamp = this.#stamp;
     const d = this.#descU32;
@@ -398,14 +430,13 @@ export class SplitDeviceQueue implements DeviceQueue {
       }
       i = next;
     }
-    return {
-      head,
-      descCount,
-      readable,
-      writable,
-      readableLength: this.#rlen,
-      writableLength: this.#wlen,
-    };
+    if (readable.length !== this.#nr) readable.length = this.#nr;
+    if (writable.length !== this.#nw) writable.length = this.#nw;
+    chain.descCount = descCount;
+    chain.readableLength = this.#rlen;
+    chain.writableLength = this.#wlen;
+    if (pooled) this.#poolBusy[head] = 1;
+    return chain;
   }
 
   #walkIndirect(
@@ -492,7 +523,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     if (isWritable) {
       this.#wlen += len;
     } else {
-      if (writable.length !== 0 || this.#wlen !== 0) {
+      if (this.#nw !== 0 || this.#wlen !== 0) {
         throw this.#error("desc.flags", flags, `descriptor ${at}: readable after a writable one`);
       }
       this.#rlen += len;
@@ -508,7 +539,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     const mem = this.#mem;
     const list = isWritable ? writable : readable;
     if (mem.tryRegionFor(addr, len) !== null) {
-      list.push({ gpa: addr as Gpa, len, writable: isWritable });
+      this.#put(list, isWritable, addr, len);
       return;
     }
     if (!mem.covers(addr, len)) {
@@ -524,8 +555,20 @@ export class SplitDeviceQueue implements DeviceQueue {
     while (cur < end) {
       const r = mem.tryRegionFor(cur, 1) as Region;
       const n = Math.min(end, r.gpa + r.size) - cur;
-      list.push({ gpa: cur as Gpa, len: n, writable: isWritable });
+      this.#put(list, isWritable, cur, n);
       cur += n;
+    }
+  }
+
+  /** Fill the next segment of `list` (reusing its object when the pooled chain has one). */
+  #put(list: Segment[], isWritable: boolean, gpa: number, len: number): void {
+    const k = isWritable ? this.#nw++ : this.#nr++;
+    const seg = list[k];
+    if (seg === undefined) {
+      list.push({ gpa: gpa as Gpa, len, writable: isWritable });
+    } else {
+      seg.gpa = gpa as Gpa;
+      seg.len = len;
     }
   }
 
@@ -559,6 +602,7 @@ export class SplitDeviceQueue implements DeviceQueue {
         `pushUsed of a chain not in flight (${inFlight} chains in flight)`,
       );
     }
+    this.#release(chain);
     const slot = (this.#usedIdx + this.#pendingUsed) & this.#mask;
     const u32 = this.#usedU32;
     u32[1 + 2 * slot] = head;
@@ -944,6 +988,11 @@ export class SplitDriverQueue implements DriverQueue {
     // ORDERING: seq-cst store above, then this load (see SplitDeviceQueue.setNotification).
     return Atomics.load(this.#usedU16, 1) !== this.#lastUsed;
   }
+}
+
+/** A fresh, empty chain object for `head` (filled by the walk). */
+function newChain(head: number): DescChain {
+  return { head, descCount: 0, readable: [], writable: [], readableLength: 0, writableLength: 0 };
 }
 
 /** Write one descriptor through the table's u32 view (little-endian host). */

@@ -82,7 +82,8 @@ export interface DeviceQueue {
   /** number of descriptors in the ring */
   readonly size: number;
   /**
-   * Take the next available chain.
+   * Take the next available chain. LIFETIME: valid until pushed to used or cancelled (a split
+   * ring reuses the object for a later pop of the same head).
    * @returns the chain, or null when none is available
    * @throws VirtqueueError for a malformed ring (the caller marks the queue broken)
    */
