@@ -5,9 +5,13 @@
  * front-end, each on one port of a switch: every frame a guest receives goes back out to the
  * other guest's MAC (testpmd's `mac` forwarding), primed with a burst of 32 frames per side.
  *
- * The guests are event-driven, as a guest kernel's driver: they wait on their call eventfds
- * and never poll, honour the switch's avail_event (split) / device event structure (packed)
- * before kicking, and ask for calls with used_event / RING_EVENT_FLAGS_DESC at their next used
+ * The guests run in a worker thread (test/fixtures/loop-guests-worker.ts), beside the switch in
+ * this thread, so both sides touch the rings at the same time, and each transmitted frame is
+ * published on its own, so publishes land while the switch works on the ring: a side that
+ * stores its event index and does not look at the ring again loses a wake-up here. The guests
+ * are event-driven, as a guest kernel's driver: they wait on their call eventfds and never
+ * poll, honour the switch's avail_event (split) / device event structure (packed) before
+ * kicking, and ask for calls with used_event / RING_EVENT_FLAGS_DESC at their next used
  * position when drained. A notification lost on either side (a kick the switch asked for and
  * did not get, a call the guest asked for and did not get) stops a direction for good.
  *
@@ -21,15 +25,17 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { Worker } from "node:worker_threads";
 
-import { VhostUserFrontend } from "../src/frontend/frontend.js";
-import { GuestRam } from "../src/frontend/guest-ram.js";
-import type { FrontendQueue } from "../src/frontend/queue.js";
-import { parseMac } from "../src/net/frame.js";
 import { Switch } from "../src/net/switch.js";
 import { addVhostUserPort } from "../src/net/virtio-net.js";
 import type { VhostUserPort } from "../src/net/virtio-net.js";
-import { featureMask, featureSet, VirtioFeature } from "../src/protocol/index.js";
+import { featureMask, VirtioFeature } from "../src/protocol/index.js";
+import type {
+  LoopGuestsInput,
+  LoopGuestsReady,
+  LoopGuestsReport,
+} from "./fixtures/loop-guests-worker.js";
 import { LineLogger } from "./helpers.js";
 
 const MAC_A = "52:54:00:00:13:1a";
@@ -67,119 +73,37 @@ const BIT = {
   mrg: featureMask(VirtioFeature.MRG_RXBUF),
 };
 
-/** One event-driven mac-forwarding guest on a switch port. */
-interface LoopGuest {
-  readonly name: string;
-  readonly port: VhostUserPort;
-  readonly fe: VhostUserFrontend;
-  readonly rx: FrontendQueue;
-  readonly tx: FrontendQueue;
-  /** frames received so far */
-  received: number;
-  /** frames received and not yet in the transmit ring (it was full) */
-  readonly backlog: Uint8Array[];
-  /** Send `count` frames to the peer and start forwarding. */
-  prime(count: number): void;
-  close(): void;
-}
-
-async function attachLoopGuest(
-  sw: Switch,
-  dir: string,
-  name: string,
-  mac: string,
-  peerMac: string,
-  v: Variant,
-  log: LineLogger,
-): Promise<LoopGuest> {
-  const port = addVhostUserPort(sw, {
-    path: join(dir, `${name}.sock`),
-    name,
-    logger: log,
-    mrgRxbuf: v.mrg,
+/** The worker's next message; rejects when it fails or exits first. */
+function nextMessage<T>(worker: Worker, what: string, timeoutMs = 15_000): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const done = (): void => {
+      clearTimeout(timer);
+      worker.off("message", onMessage);
+      worker.off("error", onError);
+      worker.off("exit", onExit);
+    };
+    const onMessage = (m: unknown): void => {
+      done();
+      const e = (m as { error?: string }).error;
+      if (e !== undefined) reject(new Error(`guests' worker, ${what}: ${e}`));
+      else resolve(m as T);
+    };
+    const onError = (err: Error): void => {
+      done();
+      reject(err);
+    };
+    const onExit = (code: number): void => {
+      done();
+      reject(new Error(`guests' worker exited (${code}) before ${what}`));
+    };
+    const timer = setTimeout(() => {
+      done();
+      reject(new Error(`guests' worker: timed out waiting for ${what}`));
+    }, timeoutMs);
+    worker.on("message", onMessage);
+    worker.on("error", onError);
+    worker.on("exit", onExit);
   });
-  let fe: VhostUserFrontend | null = null;
-  let ram: GuestRam | null = null;
-  try {
-    fe = await VhostUserFrontend.connect(port.server.path, {
-      timeoutMs: 3000,
-      requestTimeoutMs: 5000,
-    });
-    let wanted = featureSet(VirtioFeature.VERSION_1);
-    if (v.eventIdx) wanted |= BIT.eventIdx;
-    if (v.packed) wanted |= BIT.packed;
-    if (v.mrg) wanted |= BIT.mrg;
-    await fe.negotiate({ features: wanted });
-    ram = GuestRam.create({ size: 8 << 20, name: `vk-stall-${name}` });
-    const [rx, tx] = (await fe.start(ram, [RING_SIZE, RING_SIZE])) as [
-      FrontendQueue,
-      FrontendQueue,
-    ];
-    const own = parseMac(mac);
-    const peer = parseMac(peerMac);
-    const backlog: Uint8Array[] = [];
-    const pump = (): void => {
-      let added = false;
-      while (backlog.length > 0) {
-        if (tx.addFrame(backlog[0] as Uint8Array) === null) break;
-        backlog.shift();
-        added = true;
-      }
-      // one kick per batch, only when the switch asked for it (avail_event / event structure)
-      if (added) tx.kick();
-    };
-    const feRef = fe;
-    const ramRef = ram;
-    const g: LoopGuest = {
-      name,
-      port,
-      fe,
-      rx,
-      tx,
-      received: 0,
-      backlog,
-      prime(count: number): void {
-        for (let i = 0; i < count; i++) {
-          const f = new Uint8Array(60);
-          f.set(peer, 0);
-          f.set(own, 6);
-          f.set([0x88, 0xb5, i], 12); // local experimental ethertype, sequence number
-          backlog.push(f);
-        }
-        pump();
-      },
-      close(): void {
-        feRef.close();
-        port.close();
-        ramRef.close();
-      },
-    };
-    // Woken only by the call eventfds: a call that does not come stops this guest.
-    rx.onCall(() => {
-      const frames = rx.receiveFrames(); // drained: used_event / DESC set at the next one
-      if (frames.length === 0) return;
-      g.received += frames.length;
-      for (const f of frames) {
-        // `mac` forwarding: to the peer, from us (each frame is a copy out of guest RAM)
-        f.set(peer, 0);
-        f.set(own, 6);
-        backlog.push(f);
-      }
-      pump();
-      rx.postRxBuffers(rx.size - rx.outstanding);
-    });
-    tx.onCall(() => {
-      tx.reclaim();
-      pump();
-    });
-    rx.postRxBuffers(rx.size);
-    return g;
-  } catch (err) {
-    fe?.close();
-    port.close();
-    ram?.close();
-    throw err;
-  }
 }
 
 async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
@@ -195,56 +119,76 @@ for (const v of VARIANTS) {
     const dir = mkdtempSync(join(tmpdir(), "vk-stall-evidx-"));
     const log = new LineLogger();
     const sw = new Switch({ logger: log });
-    const guests: LoopGuest[] = [];
+    const ports: VhostUserPort[] = [];
+    let worker: Worker | null = null;
     try {
-      const a = await attachLoopGuest(sw, dir, "a", MAC_A, MAC_B, v, log);
-      guests.push(a);
-      const b = await attachLoopGuest(sw, dir, "b", MAC_B, MAC_A, v, log);
-      guests.push(b);
-      await waitFor("both ports up", () => a.port.device.up && b.port.device.up);
+      for (const name of ["a", "b"]) {
+        const path = join(dir, `${name}.sock`);
+        ports.push(addVhostUserPort(sw, { path, name, logger: log, mrgRxbuf: v.mrg }));
+      }
+      const [pa, pb] = ports as [VhostUserPort, VhostUserPort];
+      const counts = new SharedArrayBuffer(8);
+      const received = new Int32Array(counts); // [by A, by B]
+      const input: LoopGuestsInput = {
+        guests: [
+          { name: "a", path: pa.server.path, mac: MAC_A, peerMac: MAC_B },
+          { name: "b", path: pb.server.path, mac: MAC_B, peerMac: MAC_A },
+        ],
+        packed: v.packed,
+        mrg: v.mrg,
+        eventIdx: v.eventIdx,
+        ringSize: RING_SIZE,
+        prime: PRIME,
+        received: counts,
+      };
+      worker = new Worker(new URL("./fixtures/loop-guests-worker.js", import.meta.url), {
+        workerData: input,
+      });
+      const { ready } = await nextMessage<LoopGuestsReady>(worker, "the guests' start");
+      await waitFor("both ports up", () => pa.device.up && pb.device.up);
       // the variant was negotiated as asked, read back from both sides
-      for (const g of [a, b]) {
-        const fe = g.fe.ackedFeatures ?? 0n;
-        const sw = g.port.device.negotiatedFeatures;
+      ready.forEach((g, k) => {
+        const fe = BigInt(g.features);
+        const swf = (ports[k] as VhostUserPort).device.negotiatedFeatures;
         for (const [what, bit, want] of [
           ["EVENT_IDX", BIT.eventIdx, v.eventIdx],
           ["RING_PACKED", BIT.packed, v.packed],
           ["MRG_RXBUF", BIT.mrg, v.mrg],
         ] as const) {
           assert.equal((fe & bit) !== 0n, want, `${g.name}: front-end ${what}`);
-          assert.equal((sw & bit) !== 0n, want, `${g.name}: switch ${what}`);
+          assert.equal((swf & bit) !== 0n, want, `${g.name}: switch ${what}`);
         }
-        for (const q of [g.rx, g.tx]) {
+        for (const q of g.queues) {
           assert.equal(q.eventIdx, v.eventIdx, `${g.name}: queue ${q.index} EVENT_IDX`);
           assert.equal(q.packed, v.packed, `${g.name}: queue ${q.index} packed`);
         }
-      }
-      a.prime(PRIME);
-      b.prime(PRIME);
+      });
+      worker.postMessage("prime");
       // frames received by B (A -> B) and by A (B -> A) per interval
+      const now = (): number[] => [Atomics.load(received, 1), Atomics.load(received, 0)];
       const deltas: [number, number][] = [];
-      let prev = [b.received, a.received];
+      let prev = now();
       for (let i = 0; i < v.intervals; i++) {
         await sleep(INTERVAL_MS);
-        const cur = [b.received, a.received];
+        const cur = now();
         deltas.push([cur[0]! - prev[0]!, cur[1]! - prev[1]!]);
         prev = cur;
       }
-      const rings = guests.map((g) => ({
-        guest: g.name,
-        backlog: g.backlog.length,
-        queues: [g.rx, g.tx].map((q) => {
-          const s = g.port.server.session?.queue(q.index) as unknown as
-            { kicks: number; calls: number } | undefined;
-          return {
-            index: q.index,
-            outstanding: q.outstanding,
-            fe: q.stats,
-            sw: { kicks: s?.kicks, calls: s?.calls },
-          };
-        }),
-        switch: g.port.device.counters,
-      }));
+      const stopped = nextMessage<LoopGuestsReport>(worker, "the report");
+      worker.postMessage("stop");
+      const { report } = await stopped;
+      const rings = report.map((g, k) => {
+        const p = ports[k] as VhostUserPort;
+        return {
+          ...g,
+          switchRings: [0, 1].map((i) => {
+            const s = p.server.session?.queue(i) as unknown as
+              { kicks: number; calls: number } | undefined;
+            return { index: i, kicks: s?.kicks, calls: s?.calls };
+          }),
+          switch: p.device.counters,
+        };
+      });
       const why =
         `frames per ${INTERVAL_MS} ms A->B/B->A: ` +
         `${deltas.map((d) => d.join("/")).join(" ")}\n${JSON.stringify(rings)}`;
@@ -256,7 +200,8 @@ for (const v of VARIANTS) {
       (err as Error).message += `\n--- switch log ---\n${log.lines.slice(-30).join("\n")}`;
       throw err;
     } finally {
-      for (const g of guests) g.close();
+      if (worker) await worker.terminate();
+      for (const p of ports) p.close();
       sw.close();
       rmSync(dir, { recursive: true, force: true });
     }
