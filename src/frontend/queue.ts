@@ -225,6 +225,13 @@ export class FrontendQueue extends EventEmitter {
   #pool: Gpa | null = null;
   #freeSlots: number[] = [];
   #disposed = false;
+  /** used-buffer notifications wanted ({@link setNotification}; true by default) */
+  #notify = true;
+  /**
+   * packed with EVENT_IDX: the used event (RING_EVENT_FLAGS_DESC) is set at the driver's next
+   * used position; cleared when a used buffer is taken (the position moves on)
+   */
+  #usedEventArmed = false;
   /**
    * packed: the ring memory (descriptor ring, driver and device event areas) as it was before
    * the constructor initialised it, kept until the first add() or restoreSnapshot(): a
@@ -405,8 +412,16 @@ export class FrontendQueue extends EventEmitter {
   }
 
   #pullOne(): UsedBuffer | null {
-    const u = this.#driver.getUsed();
-    if (u === null) return null;
+    let u = this.#driver.getUsed();
+    if (u === null) {
+      if (!this.#armUsedEvent()) return null;
+      // ORDERING: the used event was stored (seq-cst) before this second look at the ring: a
+      // buffer the device used before it saw the event (and so did not notify) is found here;
+      // one used after it is notified.
+      u = this.#driver.getUsed();
+      if (u === null) return null;
+    }
+    this.#usedEventArmed = false;
     this.#outstanding.delete(u.id);
     this.stats.used++;
     let data: Uint8Array | null = null;
@@ -415,6 +430,24 @@ export class FrontendQueue extends EventEmitter {
       data = this.#ram.read(t.gpa, Math.min(u.len, this.bufferSize));
     }
     return { id: u.id, len: u.len, token: t, data };
+  }
+
+  /**
+   * Packed ring with EVENT_IDX: on finding no used buffer, ask for one call when the device
+   * uses the buffer at the driver's next used position (RING_EVENT_FLAGS_DESC), as the split
+   * driver publishes used_event (VIRTIO 1.2 §2.8.10, §2.8.22; Linux
+   * `virtqueue_enable_cb_prepare_packed`). Without it the event structure stays ENABLE and
+   * every used buffer is notified.
+   * @returns true when the event was stored now (look at the ring once more)
+   */
+  #armUsedEvent(): boolean {
+    const d = this.#driver;
+    if (!(d instanceof PackedDriverQueue) || !this.eventIdx || !this.#notify) return false;
+    if (this.#usedEventArmed) return false;
+    d.setUsedEvent(0);
+    this.#usedEventArmed = true;
+    if (this.#ram.tracking) this.#ram.markDirty(this.ring.avail, 4);
+    return true;
   }
 
   /** Move every used buffer from the ring into the ready list. */
@@ -447,7 +480,10 @@ export class FrontendQueue extends EventEmitter {
    */
   setNotification(enabled: boolean): boolean {
     this.#checkLive("setNotification");
+    this.#notify = enabled;
     const r = this.#driver.setNotification(enabled);
+    // packed with EVENT_IDX: enabling sets the used event at the next used position
+    this.#usedEventArmed = enabled && this.packed && this.eventIdx;
     return r === true;
   }
 
@@ -721,6 +757,7 @@ export class FrontendQueue extends EventEmitter {
     const start = startIdx ?? this.lastUsedIdx ?? 0;
     this.#ram = ram;
     this.#driver = this.#buildDriver(ram, start);
+    this.#usedEventArmed = false;
     this.#outstanding.clear();
     for (const o of keep) {
       const id = this.#driver.add(o.segments, o.token);
@@ -885,6 +922,7 @@ export class FrontendQueue extends EventEmitter {
     for (const [id, o] of buffers) tokens.set(id, o.token);
     const driver = this.#buildDriver(this.#ram, 0, { position, tokens }) as PackedDriverQueue;
     this.#driver = driver;
+    this.#usedEventArmed = false;
     for (const [id, o] of buffers) this.#outstanding.set(id, o);
     if (position.pendingHeads.length > 0) driver.kick();
   }
