@@ -18,6 +18,7 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
 import { startTestpmd, type Testpmd } from "../test/peers/testpmd.js";
+import { sleep } from "../test/helpers.js";
 
 /** Cumulative counters of a back-end under test (packets it received / sent on its port). */
 export interface BackendCounters {
@@ -67,10 +68,6 @@ export interface Measurement {
   readonly mpps: number;
   /** Gigabits per second of frame bytes (no preamble / IFG). */
   readonly gbps: number;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function testpmdCounters(t: Testpmd): () => Promise<BackendCounters> {

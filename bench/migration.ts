@@ -48,16 +48,13 @@ import { freeTcpPort, startGuest } from "../test/peers/qemu.js";
 import type { Guest } from "../test/peers/qemu.js";
 import { startTestpmd } from "../test/peers/testpmd.js";
 import type { Testpmd } from "../test/peers/testpmd.js";
+import { sleep } from "../test/helpers.js";
 
 function size(text: string): number {
   const m = /^(\d+)([kKmMgG]?)$/.exec(text);
   if (!m) throw new Error(`bad size ${text}`);
   const mult = { "": 1, k: 1 << 10, m: 1 << 20, g: 1 << 30 }[(m[2] as string).toLowerCase()] ?? 1;
   return Number(m[1]) * mult;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
 
 /** Bytes kept for the counters (JSON) at the start of a {@link StatefulEcho} state. */

@@ -24,6 +24,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { startTestpmd } from "../test/peers/testpmd.js";
 import type { Testpmd } from "../test/peers/testpmd.js";
+import { sleep } from "../test/helpers.js";
 
 const here = fileURLToPath(new URL(".", import.meta.url));
 const CLI = join(here, "..", "..", "bin", "vhostkit.js");
@@ -45,8 +46,6 @@ interface Options {
   modes: Array<"event" | "busy">;
   cpuProfDir: string | null;
 }
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 /**
  * Parse the command line.

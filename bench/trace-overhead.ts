@@ -20,15 +20,12 @@ import { fileURLToPath } from "node:url";
 import { performance } from "node:perf_hooks";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import { GuestRam } from "../src/frontend/guest-ram.js";
+import { sleep } from "../test/helpers.js";
 
 const CHILD = fileURLToPath(new URL("../test/fixtures/check-backend-child.js", import.meta.url));
 const BIN = fileURLToPath(new URL("../../bin/vhostkit.js", import.meta.url));
 const SETUPS = 20;
 const ROUND_TRIPS = 2000;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 async function waitSocket(path: string): Promise<void> {
   const end = Date.now() + 10_000;

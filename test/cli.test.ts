@@ -21,6 +21,7 @@ import { parseMac } from "../src/net/frame.js";
 import { fetchStats } from "../src/cli/stats.js";
 import { parseSwitchArgs, qemuCommandLine } from "../src/cli/switch.js";
 import { UsageError, formatStats } from "../src/cli/common.js";
+import { until } from "./helpers.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** bin/vhostkit.js at the repository root (dist/test/ -> ../../bin). */
@@ -29,18 +30,6 @@ const BIN = join(here, "..", "..", "bin", "vhostkit.js");
 function run(args: string[], env: NodeJS.ProcessEnv = process.env) {
   const r = spawnSync(process.execPath, [BIN, ...args], { encoding: "utf8", env, timeout: 15_000 });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
 }
 
 /** A running `vhostkit switch` child with its stderr collected. */
@@ -66,6 +55,7 @@ class SwitchProcess {
     await until(
       () => this.stderr.includes("vhostkit switch: ready\n") || exited,
       `the ready line (stderr so far: ${this.stderr})`,
+      8000,
     );
     if (exited) throw new Error(`switch exited before ready: ${this.stderr}`);
   }
@@ -266,17 +256,21 @@ test("cli: switch serves two sockets, forwards, reports stats; SIGTERM removes i
       A.tx.addFrame(eth("52:54:00:00:00:0b", "52:54:00:00:00:0a", 2 + i));
     A.tx.kick();
     const got: Uint8Array[] = [];
-    await until(() => {
-      got.push(...B.rx.receiveFrames());
-      return got.length >= 10;
-    }, "10 frames at B");
+    await until(
+      () => {
+        got.push(...B.rx.receiveFrames());
+        return got.length >= 10;
+      },
+      "10 frames at B",
+      8000,
+    );
     assert.deepEqual(
       got.map((f) => f[14]),
       Array.from({ length: 10 }, (_, i) => 2 + i),
     );
 
     // logs: who connected and what was negotiated
-    await until(() => /negotiated .*VERSION_1/.test(sw.stderr), "negotiation log");
+    await until(() => /negotiated .*VERSION_1/.test(sw.stderr), "negotiation log", 8000);
     assert.match(sw.stderr, new RegExp(`${a}: front-end connected`));
 
     // stats over the control socket, as JSON and as text
@@ -312,7 +306,7 @@ test("cli: switch serves two sockets, forwards, reports stats; SIGTERM removes i
     // a guest leaving is logged and its port goes down
     B.close();
     guests.pop();
-    await until(() => /vm2\.sock: link down/.test(sw.stderr), "B's link down");
+    await until(() => /vm2\.sock: link down/.test(sw.stderr), "B's link down", 8000);
 
     const r = await sw.stop("SIGTERM");
     assert.equal(r.code, 0, sw.stderr);
@@ -407,6 +401,7 @@ test("cli: --client connects to a listening front-end and reconnects after it go
       await until(
         () => (sw.stderr.match(/connected to front-end/g) ?? []).length >= round,
         `round ${round}: connection log`,
+        8000,
       );
       const snap = await fetchStats(`${path}.ctl`);
       assert.equal(snap.vhostPorts[0]?.mode, "client");
@@ -417,6 +412,7 @@ test("cli: --client connects to a listening front-end and reconnects after it go
       await until(
         () => (sw.stderr.match(/front-end disconnected/g) ?? []).length >= round,
         `round ${round}: disconnection log`,
+        8000,
       );
     }
     const r = await sw.stop("SIGTERM");

@@ -23,10 +23,7 @@ import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
 import { startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
+import { sleep } from "./helpers.js";
 
 /** A 64-byte broadcast frame carrying `seq` at offset 14. */
 function frame(seq: number, len = 64): Uint8Array {

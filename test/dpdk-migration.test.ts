@@ -21,20 +21,9 @@ import { SeqTrafficGuest, migrateSource, receiveMigration } from "../src/orchest
 import type { IncomingResult } from "../src/orchestrator/index.js";
 import { startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
+import { until } from "./helpers.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x33]);
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
 
 function connect(port: number): Promise<Socket> {
   return new Promise((resolve, reject) => {
@@ -91,7 +80,7 @@ test(
       const gen = new SeqTrafficGuest(fe, { srcMac: F_MAC, burst: 16, record: true });
       gens.push(gen);
       gen.start();
-      await until("echoes from testpmd A", () => gen.received > 300);
+      await until(() => gen.received > 300, "echoes from testpmd A", 8000);
 
       let incoming: Promise<IncomingResult> | null = null;
       server = createServer({ noDelay: true }, (s) => {
@@ -126,11 +115,11 @@ test(
       gens.push(gen2);
       gen2.start();
       const target = gen.nextSeq + 2000;
-      await until("B sent 2000 more", () => gen2.completed > 0 && gen2.nextSeq >= target, 10_000);
+      await until(() => gen2.completed > 0 && gen2.nextSeq >= target, "B sent 2000 more", 10_000);
       gen2.stop();
-      await until("drained", () => gen2.drain() === 0);
+      await until(() => gen2.drain() === 0, "drained", 8000);
       const total = gen2.nextSeq;
-      await until("echoes from B", () => gen.received + gen2.received >= total - 512, 5000);
+      await until(() => gen.received + gen2.received >= total - 512, "echoes from B", 5000);
       const tx = [...gen.completedSeqs, ...gen2.completedSeqs].sort((a, b) => a - b);
       assert.equal(tx.length, total, "every TX descriptor completed");
       tx.forEach((s, i) => assert.equal(s, i, `TX sequence ${i} exactly once`));

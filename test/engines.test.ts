@@ -28,7 +28,7 @@ import type { FrontendQueue } from "../src/frontend/queue.js";
 import { VIRTQ_DESC_F_NEXT } from "../src/virtq/layout.js";
 import { FRONTEND_REQUEST_SPECS, hasExplicitReply } from "../src/protocol/table.js";
 import { gpa, uaddr } from "../src/memory/address.js";
-import { openFds } from "./helpers.js";
+import { openFds, sleep, until } from "./helpers.js";
 
 // --- helpers -----------------------------------------------------------------------------
 
@@ -45,18 +45,6 @@ function memfdMappings(name: string): number {
   return readFileSync("/proc/self/maps", "utf8")
     .split("\n")
     .filter((l) => l.includes(`/memfd:${name}`)).length;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(1);
-  }
 }
 
 let socketCounter = 0;
@@ -144,7 +132,7 @@ async function connectPair(
   const errors: VhostUserError[] = [];
   server.on("error", (e: VhostUserError) => errors.push(e));
   const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 5000 });
-  await until(() => server.session !== null, "the session");
+  await until(() => server.session !== null, "the session", 3000);
   const session = server.session as BackendSession;
   const ram = GuestRam.create({ size: opts.ramSize ?? 4 << 20, name: opts.name ?? "eng" });
   return {
@@ -236,10 +224,14 @@ for (const packed of [false, true]) {
       tx.kick();
       rx.postRxBuffers(20, 2048, 2);
       const back: Uint8Array[] = [];
-      await until(() => {
-        back.push(...rx.receiveFrames());
-        return back.length >= 20;
-      }, "multi-descriptor echo");
+      await until(
+        () => {
+          back.push(...rx.receiveFrames());
+          return back.length >= 20;
+        },
+        "multi-descriptor echo",
+        3000,
+      );
       assertSameFrames(back, parts, "multi-descriptor echo");
       assert.deepEqual(p.errors, []);
     } finally {
@@ -314,12 +306,16 @@ test("engines: every request the back-end handles", async () => {
     assert.notEqual(tx.add([{ gpa: g, len: hdrAndFrame.length, writable: false }], "extra"), null);
     tx.kick();
     const fromExtra: Uint8Array[] = [];
-    await until(() => {
-      fromExtra.push(...rx.receiveFrames());
-      return fromExtra.length === 1;
-    }, "the frame from the added region");
+    await until(
+      () => {
+        fromExtra.push(...rx.receiveFrames());
+        return fromExtra.length === 1;
+      },
+      "the frame from the added region",
+      3000,
+    );
     assertSameFrames(fromExtra, [fx], "frame in the added region");
-    await until(() => tx.getUsed()?.token === "extra", "the extra TX buffer back");
+    await until(() => tx.getUsed()?.token === "extra", "the extra TX buffer back", 3000);
     await p.fe.removeMemRegion(extra.memoryTable()[0] as (typeof p.fe.memoryTable)[number]);
     await assert.rejects(
       p.fe.removeMemRegion(extra.memoryTable()[0] as (typeof p.fe.memoryTable)[number]),
@@ -350,7 +346,11 @@ test("engines: every request the back-end handles", async () => {
     await p.fe.request(FrontendRequest.RESET_OWNER, null);
     assert.equal(p.session.vrings[1]?.enabled, false);
     tx.sendFrame(frame(9999));
-    await until(() => (device.counters[0]?.dropped ?? 0) > droppedBefore, "the dropped frame");
+    await until(
+      () => (device.counters[0]?.dropped ?? 0) > droppedBefore,
+      "the dropped frame",
+      3000,
+    );
     await p.fe.setVringEnable(0, true);
     await p.fe.setVringEnable(1, true);
     tx.reclaim();
@@ -407,7 +407,7 @@ test("engines: memory-table replacement while the rings run (split live, packed 
         current = copy;
         assert.equal(p.session.stats.memoryTableUpdates, before + 1);
         // old mappings are gone on both sides; the new ones are mapped twice
-        await until(() => memfdMappings(`${name}-r${round}`) === 4, "the new mappings");
+        await until(() => memfdMappings(`${name}-r${round}`) === 4, "the new mappings", 3000);
         assert.equal(
           memfdMappings(`${name}-`) - memfdMappings(`${name}-r`),
           0,
@@ -596,6 +596,7 @@ test("engines: bad input breaks only what it targets; other connections keep run
       await until(
         () => p.logger.has("warn", /queue 3: kicked before it was set up/),
         "the warning",
+        3000,
       );
       await assert.rejects(
         p.fe.request(FrontendRequest.SET_VRING_KICK, { index: 7, noFd: false }, [stray]),
@@ -636,6 +637,7 @@ test("engines: bad input breaks only what it targets; other connections keep run
     await until(
       () => p.logger.has("error", /queue 3: broken: .*desc\.next/),
       "the broken-ring log line",
+      3000,
     );
     assert.notEqual(p.session.vrings[3]?.broken, null);
     assert.equal(p.session.vrings[1]?.broken, null);
@@ -663,7 +665,7 @@ test("engines: a call fd that is not a writable eventfd breaks its ring, not the
     // the read end of a pipe as queue 1's call fd: the device's notify write fails (EBADF)
     await p.fe.request(FrontendRequest.SET_VRING_CALL, { index: 1, noFd: false }, [r]);
     assert.notEqual(tx.sendFrame(frame(1)), null);
-    await until(() => p.session.vrings[1]?.broken != null, "queue 1 broken");
+    await until(() => p.session.vrings[1]?.broken != null, "queue 1 broken", 3000);
     assert.match(p.session.vrings[1]?.broken ?? "", /call fd/);
     assert.equal(p.session.closed, false, "the connection goes on");
     assert.equal(await p.fe.getQueueNum(), 1);
@@ -850,7 +852,7 @@ test("engines: a 5 GiB region is mapped as adjacent sub-regions of at most 2 GiB
     native.close(fd);
     p.close();
   }
-  await until(() => memfdMappings("eng-big-ram") === 0, "the big region unmapped");
+  await until(() => memfdMappings("eng-big-ram") === 0, "the big region unmapped", 3000);
 });
 
 test("engines: every fd is released once everything is closed", async () => {

@@ -30,6 +30,7 @@ import { migrateSource } from "../src/orchestrator/source.js";
 import type { MigratableGuest } from "../src/orchestrator/source.js";
 import { receiveMigration } from "../src/orchestrator/destination.js";
 import { ProtocolFeature, VirtioFeature, featureSet } from "../src/protocol/constants.js";
+import { until } from "./helpers.js";
 
 const MINIMAL = featureSet(
   ProtocolFeature.LOG_SHMFD,
@@ -102,14 +103,6 @@ class Sender implements MigratableGuest {
   }
 }
 
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
 test("minimal protocol features (LOG_SHMFD, RARP, REPLY_ACK, DEVICE_STATE): negotiation, traffic and a migration with device state", async () => {
   const dir = mkdtempSync(join(tmpdir(), "vk-minimal-"));
   const swA = new Switch({ logger: silentLogger });
@@ -150,7 +143,7 @@ test("minimal protocol features (LOG_SHMFD, RARP, REPLY_ACK, DEVICE_STATE): nego
     (rx as FrontendQueue).postRxBuffers(64);
     const sender = new Sender(tx as FrontendQueue);
     sender.start();
-    await until("traffic on the source", () => sinkA.seqs.length > 200);
+    await until(() => sinkA.seqs.length > 200, "traffic on the source", 8000);
 
     const dest = new Promise<Awaited<ReturnType<typeof receiveMigration>>>((resolve, reject) => {
       server.once("connection", (s: Socket) => {
@@ -184,7 +177,7 @@ test("minimal protocol features (LOG_SHMFD, RARP, REPLY_ACK, DEVICE_STATE): nego
     sender.tx = incoming.queues[1] as FrontendQueue;
     const before = sinkB.seqs.length;
     sender.start();
-    await until("traffic on the destination", () => sinkB.seqs.length > before + 200);
+    await until(() => sinkB.seqs.length > before + 200, "traffic on the destination", 8000);
     sender.pause();
     const bad = sent.filter((n) => NEEDS_MORE.has(n));
     assert.deepEqual(bad, [], "no request outside the minimal set was sent");

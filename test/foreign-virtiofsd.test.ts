@@ -39,6 +39,7 @@ import { startVirtiofsd } from "./peers/libvhost-user.js";
 import type { LibvhostUserPeer } from "./peers/libvhost-user.js";
 import { FS_REQUEST_QUEUE, FUSE_ROOT_ID, VIRTIO_ID_FS, VirtioFsDriver } from "./peers/virtio-fs.js";
 import type { VirtioFsDriverState } from "./peers/virtio-fs.js";
+import { until } from "./helpers.js";
 
 /** Files the tests read: name to content. */
 const FILES = new Map<string, Buffer>([
@@ -204,14 +205,6 @@ class FsReader implements MigratableGuest {
   }
 }
 
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
 async function listen(onConn: (s: Socket) => void): Promise<{ server: Server; port: number }> {
   const server = createServer({ noDelay: true }, onConn);
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -248,7 +241,7 @@ test("migration virtiofsd -> second virtiofsd under FUSE reads: RAM identical, t
   let incoming: Awaited<ReturnType<typeof receiveMigration>> | null = null;
   try {
     guest.start();
-    await until("reads", () => guest.reads > 20);
+    await until(() => guest.reads > 20, "reads", 8000);
     let destErr: unknown = null;
     const done = new Promise<Awaited<ReturnType<typeof receiveMigration>>>((resolve) => {
       void listen((s) => {
@@ -264,7 +257,7 @@ test("migration virtiofsd -> second virtiofsd under FUSE reads: RAM identical, t
       });
     });
     let port = 0;
-    await until("listener", () => port !== 0);
+    await until(() => port !== 0, "listener", 8000);
     const readsBefore = guest.reads;
     const result = await migrateSource({
       frontend: src.fe,
@@ -372,7 +365,7 @@ test("regression: a migration that fails after the virtio state was sent leaves 
   const d = await failAfterVirtioState();
   try {
     guest.start();
-    await until("reads", () => guest.reads > 20);
+    await until(() => guest.reads > 20, "reads", 8000);
     const err = await migrateSource({
       frontend: g.fe,
       stream: await connectTo(d.port),
@@ -388,7 +381,11 @@ test("regression: a migration that fails after the virtio state was sent leaves 
     assert.equal(hasFeature(g.fe.features, VirtioFeature.LOG_ALL), false, "logging is off");
     // the guest resumed: reads go on and virtiofsd notifies on the restarted rings
     const n = guest.reads;
-    await until("reads after the rollback", () => guest.reads > n + 20 || guest.error !== null);
+    await until(
+      () => guest.reads > n + 20 || guest.error !== null,
+      "reads after the rollback",
+      8000,
+    );
     assert.equal(guest.error, null, `${String(guest.error)}\n${g.peer.output}`);
     await guest.pause();
     await assertServes(g, "after the rollback");

@@ -36,7 +36,7 @@ import {
 } from "../src/frontend/frontend.js";
 import { VIRTIO_NET_HDR_SIZE } from "../src/frontend/queue.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
-import { openFds } from "./helpers.js";
+import { openFds, until } from "./helpers.js";
 
 // --- helpers ---------------------------------------------------------------------------
 
@@ -49,14 +49,6 @@ function memfdMappings(): number {
 /** Let pending I/O run (socket watchers fire on the next loop turns). */
 function tick(ms = 5): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 2000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await tick(1);
-  }
 }
 
 const FDS_AT_START = openFds();
@@ -594,7 +586,7 @@ test("frontend: stopQueue and restartQueue (split and packed bases, new kick fd)
     assert.deepEqual(be.log[6]?.payload, { index: 0, num: 1 });
     const newKick = be.kickFds.get(0) as number;
     assert.notEqual(newKick, oldKick);
-    await until(() => native.eventfdRead(newKick) === 1n, "the restart kick");
+    await until(() => native.eventfdRead(newKick) === 1n, "the restart kick", 2000);
 
     // packed base: both indices and wrap counters
     be.vringBase.set(1, 5 | 0x8000 | (9 << 16));
@@ -819,7 +811,7 @@ test("frontend: connect retries until the back-end listens; listen waits for a c
   let peer: number | null = null;
   try {
     fe = await pending;
-    await until(() => (peer = native.unixAccept(lfd)) !== null, "accept");
+    await until(() => (peer = native.unixAccept(lfd)) !== null, "accept", 2000);
     assert.equal(fe.closed, false);
   } finally {
     fe?.close();

@@ -16,32 +16,24 @@ import type { GuestRamOptions } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
 import { parseMac } from "../src/net/frame.js";
+import { sleep, until as untilShared } from "./helpers.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 /** bin/vhostkit.js at the repository root (dist/test/ -> ../../bin). */
 export const BIN = join(here, "..", "..", "bin", "vhostkit.js");
 
 /**
- * @param ms milliseconds
- * @returns resolves after `ms`
- */
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/**
- * Poll `cond` every 5 ms.
+ * {@link untilShared} with the 8 s bound the hardening tests use.
  * @param cond the condition
  * @param what named in the timeout error
  * @param ms budget
+ * @returns when `cond` holds
  */
-export async function until(cond: () => boolean, what: string, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
+export function until(cond: () => boolean, what: string, ms = 8000): Promise<void> {
+  return untilShared(cond, what, ms);
 }
+
+export { sleep };
 
 /** A running `vhostkit switch` child with its stderr collected. */
 export class SwitchProcess {

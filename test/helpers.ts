@@ -84,3 +84,27 @@ export async function startChild(
   });
   return child;
 }
+
+/**
+ * Wait `ms` milliseconds.
+ * @param ms the delay
+ * @returns when the time has passed
+ */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * Poll `cond` every 5 ms until it holds.
+ * @param cond the condition
+ * @param what what is awaited, for the error
+ * @param ms the bound, default 5 s
+ * @throws Error "timed out waiting for WHAT" when `cond` does not hold within `ms`
+ */
+export async function until(cond: () => boolean, what: string, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(5);
+  }
+}

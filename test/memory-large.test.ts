@@ -28,20 +28,9 @@ import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { UsedBuffer } from "../src/frontend/queue.js";
 import { VIRTIO_NET_HDR_SIZE } from "../src/frontend/queue.js";
+import { until } from "./helpers.js";
 
 const GiB = 2 ** 30;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(1);
-  }
-}
 
 /** Bytes of this process's address space mapped from memfds whose name contains `name`. */
 function mappedBytes(name: string): number {

@@ -37,7 +37,7 @@ import type { Frame, SwitchPort } from "../src/net/port.js";
 import { formatMac, macKey, parseMac } from "../src/net/frame.js";
 import { readStateFromFd, writeStateToFd } from "../src/migration/transfer.js";
 import { inspectStream } from "../src/migration/stream.js";
-import { openFds } from "./helpers.js";
+import { openFds, sleep, until } from "./helpers.js";
 
 const FR = FrontendRequest;
 
@@ -56,18 +56,6 @@ const FEATURES = featureSet(
   VirtioFeature.RING_EVENT_IDX,
 );
 const PROTOCOL = FRONTEND_PROTOCOL_FEATURES | featureMask(ProtocolFeature.DEVICE_STATE);
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(2);
-  }
-}
 
 let counter = 0;
 function socketPath(): string {
@@ -149,7 +137,7 @@ async function connect(
   const server: BackendServer = serveBackend(dev, { path, logger: silentLogger });
   server.on("error", (e: Error) => errors.push(e));
   const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 5000 });
-  await until(() => server.session !== null, "the session");
+  await until(() => server.session !== null, "the session", 3000);
   return {
     fe,
     errors,
@@ -240,15 +228,19 @@ async function traffic(conn: Conn, sw: Switch, peer: RecordingPort): Promise<voi
   fe.postRxBuffers(0, 32);
   for (let i = 0; i < 5; i++) fe.sendFrame(1, ethFrame("ff:ff:ff:ff:ff:ff", GUEST_MAC, i));
   fe.sendFrame(1, ethFrame(PEER_MAC, "52:54:00:aa:bb:cc", 9));
-  await until(() => peer.frames.length >= 6, "the guest's frames on the peer port");
+  await until(() => peer.frames.length >= 6, "the guest's frames on the peer port", 3000);
   for (let i = 0; i < 4; i++)
     sw.receive(peer, { data: ethFrame(GUEST_MAC, PEER_MAC, i), meta: {} });
   sw.flush();
   const rx = fe.queue(0)!;
-  await until(() => {
-    rx.receiveFrames();
-    return rx.stats.used >= 4;
-  }, "the peer's frames in the guest");
+  await until(
+    () => {
+      rx.receiveFrames();
+      return rx.stats.used >= 4;
+    },
+    "the peer's frames in the guest",
+    3000,
+  );
 }
 
 for (const own of [false, true]) {
@@ -314,7 +306,11 @@ for (const own of [false, true]) {
       // The destination keeps counting from the source's counters.
       const rxBefore = devB.counters.rxPackets;
       dst.fe.sendFrame(1, ethFrame("ff:ff:ff:ff:ff:ff", GUEST_MAC, 42));
-      await until(() => devB.counters.rxPackets === rxBefore + 1, "a frame on the destination");
+      await until(
+        () => devB.counters.rxPackets === rxBefore + 1,
+        "a frame on the destination",
+        3000,
+      );
     } finally {
       src.close();
       dst.close();
@@ -341,7 +337,11 @@ test("SET_DEVICE_STATE_FD: a phase other than STOPPED is refused and the fd clos
     assert.equal(msg.payload.noFd, true);
     assert.equal(msg.fds.length, 0);
     // The back-end closed its copy: the read end sees end of file at once.
-    await until(() => native.read(r, new Uint8Array(8), 0, 8) === 0, "EOF on the refused pipe");
+    await until(
+      () => native.read(r, new Uint8Array(8), 0, 8) === 0,
+      "EOF on the refused pipe",
+      3000,
+    );
     native.close(r);
     // A proper transfer still works afterwards.
     const { bytes } = await saveThrough(c.fe);
@@ -363,7 +363,7 @@ test("LOAD of a truncated or corrupted stream fails CHECK_DEVICE_STATE and leave
     await src.fe.negotiate({ features: FEATURES, protocolFeatures: PROTOCOL });
     await src.fe.start(src.ram, [64, 64]);
     src.fe.sendFrame(1, ethFrame("ff:ff:ff:ff:ff:ff", GUEST_MAC, 1));
-    await until(() => devA.counters.rxPackets === 1, "a frame on the source");
+    await until(() => devA.counters.rxPackets === 1, "a frame on the source", 3000);
     await src.fe.stopQueue(0);
     await src.fe.stopQueue(1);
     const { bytes } = await saveThrough(src.fe);
@@ -455,13 +455,13 @@ test("SEND_RARP: a RARP broadcast for the MAC on every other port, and the MAC t
     await c.fe.negotiate({ features: FEATURES, protocolFeatures: PROTOCOL });
     await c.fe.start(c.ram, [64, 64]);
     c.fe.postRxBuffers(0, 8); // the first kick starts the ring: the port comes up
-    await until(() => dev.up, "the port up");
+    await until(() => dev.up, "the port up", 3000);
     const mac = "52:54:00:0a:0b:0c";
     // The MAC was last seen on the uplink (the guest lived on another host).
     sw.learnMac(mac, "uplink");
     await c.fe.sendRarp(mac);
     await c.fe.barrier();
-    await until(() => peer1.frames.length > 0 && peer2.frames.length > 0, "the RARP");
+    await until(() => peer1.frames.length > 0 && peer2.frames.length > 0, "the RARP", 3000);
     for (const p of [peer1, peer2]) {
       const f = p.frames[0] as Uint8Array;
       assert.equal(formatMac(f.subarray(0, 6)), "ff:ff:ff:ff:ff:ff", `${p.name}: broadcast`);
@@ -509,7 +509,7 @@ test("a migration that fails after SAVE: the source resumes as it was", async ()
     await c.fe.restartQueue(1);
     const rx = dev.counters.rxPackets;
     c.fe.sendFrame(1, ethFrame("ff:ff:ff:ff:ff:ff", GUEST_MAC, 77));
-    await until(() => dev.counters.rxPackets === rx + 1, "traffic after the resume");
+    await until(() => dev.counters.rxPackets === rx + 1, "traffic after the resume", 3000);
     assert.equal(dev.up, true);
     assert.equal(dev.offloads.tso4, true, "negotiated offloads kept");
     assert.equal(dev.negotiatedFeatures, acked);
@@ -517,10 +517,14 @@ test("a migration that fails after SAVE: the source resumes as it was", async ()
     sw.flush();
     const q = c.fe.queue(0)!;
     const used = q.stats.used;
-    await until(() => {
-      q.receiveFrames();
-      return q.stats.used > used;
-    }, "a frame delivered to the resumed guest");
+    await until(
+      () => {
+        q.receiveFrames();
+        return q.stats.used > used;
+      },
+      "a frame delivered to the resumed guest",
+      3000,
+    );
   } finally {
     c.close();
     sw.close();

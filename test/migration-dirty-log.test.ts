@@ -30,6 +30,7 @@ import type { FrontendQueue } from "../src/frontend/queue.js";
 import { DirtyLog, LOG_PAGE_SIZE } from "../src/memory/dirty-log.js";
 import { splitRingSizes } from "../src/virtq/layout.js";
 import type { Gpa } from "../src/memory/address.js";
+import { sleep } from "./helpers.js";
 
 const FR = FrontendRequest;
 const LOG_ALL = featureMask(VirtioFeature.LOG_ALL);
@@ -37,10 +38,6 @@ const FEATURES = featureSet(VirtioFeature.VERSION_1);
 const RAM_SIZE = 1 << 20;
 /** Data buffers live in [DATA_START, RAM_SIZE); rings below. */
 const DATA_START = 256 << 10;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 /** A device that fills every writable byte of every chain queue 0 gets (with a pattern). */
 class FillDevice implements VhostUserDevice {

@@ -39,25 +39,11 @@ import {
   CtrlMq,
   MAC_TABLE_ENTRIES,
 } from "../src/net/ctrl.js";
-import { LineLogger, openFds } from "./helpers.js";
+import { LineLogger, openFds, sleep, until } from "./helpers.js";
 
 const F = VirtioFeature;
 const BASE = featureSet(F.VERSION_1, F.RING_EVENT_IDX, F.STATUS);
 const BCAST = "ff:ff:ff:ff:ff:ff";
-
-// --- helpers -----------------------------------------------------------------------------
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(2);
-  }
-}
 
 const mac = (n: number): string => `02:00:00:00:00:${n.toString(16).padStart(2, "0")}`;
 

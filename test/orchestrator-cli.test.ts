@@ -16,6 +16,7 @@ import { NetTestDevice } from "../src/devices/net-test-device.js";
 import { runMigrate } from "../src/cli/migrate.js";
 import type { CliIo } from "../src/cli/common.js";
 import { ProtocolFeature, featureMask } from "../src/protocol/constants.js";
+import { until } from "./helpers.js";
 
 /** A sink that offers SEND_RARP and records the MACs it was asked to announce. */
 class RarpSink extends NetTestDevice {
@@ -34,14 +35,6 @@ function capture(): CliIo & { out: string[]; err: string[] } {
   const out: string[] = [];
   const err: string[] = [];
   return { out, err, stdout: (t) => out.push(t), stderr: (t) => err.push(t), env: {} };
-}
-
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 async function freePort(): Promise<number> {
@@ -93,8 +86,8 @@ test("vhostkit migrate: serve, incoming, --from/--to with progress and figures",
       ],
       ioD,
     );
-    await until("control socket", () => existsSync(ctl));
-    await until("traffic on A", () => (devA.counters[0]?.txPackets ?? 0) > 200);
+    await until(() => existsSync(ctl), "control socket", 8000);
+    await until(() => (devA.counters[0]?.txPackets ?? 0) > 200, "traffic on A", 8000);
     const code = await runMigrate(["--from", ctl, "--to", `127.0.0.1:${port}`, "--verify"], ioC);
     const out = ioC.out.join("");
     assert.equal(code, 0, `${out}\n${ioC.err.join("")}`);
@@ -113,8 +106,12 @@ test("vhostkit migrate: serve, incoming, --from/--to with progress and figures",
     assert.match(ioD.err.join(""), /RARP sent/);
     serve = null;
     const atB = devB.counters[0]?.txPackets ?? 0;
-    await until("traffic goes on through B", () => (devB.counters[0]?.txPackets ?? 0) > atB + 200);
-    await until("second control socket", () => existsSync(ctl2));
+    await until(
+      () => (devB.counters[0]?.txPackets ?? 0) > atB + 200,
+      "traffic goes on through B",
+      8000,
+    );
+    await until(() => existsSync(ctl2), "second control socket", 8000);
     // Bad arguments: usage error.
     const ioU = capture();
     assert.equal(await runMigrate(["--from", ctl2, "--to", "nowhere"], ioU), 2);
@@ -200,7 +197,7 @@ test("vhostkit migrate: --help, bad options before connecting, control sockets, 
     // Malformed control lines are answered, and the process holding the device goes on.
     const ioS = capture();
     serve = runMigrate(["serve", "--socket", sock, "--control", ctl, "--mem", "8M"], ioS);
-    await until("control socket", () => existsSync(ctl));
+    await until(() => existsSync(ctl), "control socket", 8000);
     const answers = await control(
       ctl,
       [

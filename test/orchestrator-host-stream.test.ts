@@ -37,6 +37,7 @@ import {
   writeAll,
 } from "../src/orchestrator/index.js";
 import type { HostStage, HostVersion, SourceContext } from "../src/orchestrator/index.js";
+import { until } from "./helpers.js";
 
 // --- toy stages over a pipe
 
@@ -251,18 +252,6 @@ function incomingRamFds(): number {
   return n;
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
 async function listen(onConn: (s: Socket) => void): Promise<{ server: Server; port: number }> {
   const server = createServer({ noDelay: true }, onConn);
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
@@ -311,7 +300,7 @@ async function pair(): Promise<Pair> {
   await fe.start(ram, [256, 256]);
   const gen = new SeqTrafficGuest(fe, { rxQueue: null, burst: 8 });
   gen.start();
-  await until("traffic", () => (devA.counters[0]?.txPackets ?? 0) > 50);
+  await until(() => (devA.counters[0]?.txPackets ?? 0) > 50, "traffic", 8000);
   return {
     dir,
     srvB,
@@ -405,9 +394,9 @@ test("orchestrator: a v2 source migrates to a v1 destination within compat (tele
     assert.equal(err.sourceResumed, true);
     assert.match(err.message, /stream version 2 \(compatible back to 2\).*knows versions 1/);
     assert.ok(isMigrationStreamError(destErr, "NO_COMPATIBLE_VERSION"), String(destErr));
-    await until("destination released its RAM", () => incomingRamFds() === 0);
+    await until(() => incomingRamFds() === 0, "destination released its RAM", 8000);
     const before = p.devA.counters[0]?.txPackets ?? 0;
-    await until("traffic resumes", () => (p.devA.counters[0]?.txPackets ?? 0) > before + 50);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > before + 50, "traffic resumes", 8000);
     server.close();
 
     // within compat: the destination (v1) skips the telemetry stage and runs the device
@@ -434,7 +423,11 @@ test("orchestrator: a v2 source migrates to a v1 destination within compat (tele
       const tx = p.devB.counters[0]?.txPackets ?? 0;
       const g = SeqTrafficGuest.restore(inc.frontend, inc.guestState ?? new Uint8Array(0));
       g.start();
-      await until("traffic on the destination", () => (p.devB.counters[0]?.txPackets ?? 0) > tx);
+      await until(
+        () => (p.devB.counters[0]?.txPackets ?? 0) > tx,
+        "traffic on the destination",
+        8000,
+      );
       g.stop();
     } finally {
       inc.frontend.close();
@@ -505,7 +498,7 @@ test("orchestrator: the host stream cut at every stage boundary; the destination
         cuts.push({ at: m.at, before: (marks[i - 1] as { name: string }).name, name: m.name });
     });
     for (const c of cuts) {
-      await until("the back-end is free", () => p.srvB.session === null, 4000).catch(
+      await until(() => p.srvB.session === null, "the back-end is free", 4000).catch(
         () => undefined,
       );
       const e = await receiveMigration({
@@ -524,7 +517,7 @@ test("orchestrator: the host stream cut at every stage boundary; the destination
       assert.equal(incomingRamFds(), 0, `cut before "${c.name}": guest RAM released`);
     }
     // the whole stream replayed starts the device
-    await until("the back-end is free", () => p.srvB.session === null, 4000).catch(() => undefined);
+    await until(() => p.srvB.session === null, "the back-end is free", 4000).catch(() => undefined);
     const whole = await receiveMigration({
       stream: replayDuplex(bytes),
       connectBackend: () => VhostUserFrontend.connect(join(p.dir, "b.sock")),
@@ -561,7 +554,11 @@ test("virtio state: a queue the driver disabled stays disabled on the destinatio
       const tx = p.devB.counters[0]?.txPackets ?? 0;
       const g = SeqTrafficGuest.restore(inc.frontend, inc.guestState ?? new Uint8Array(0));
       g.start();
-      await until("traffic on the destination", () => (p.devB.counters[0]?.txPackets ?? 0) > tx);
+      await until(
+        () => (p.devB.counters[0]?.txPackets ?? 0) > tx,
+        "traffic on the destination",
+        8000,
+      );
       g.stop();
     } finally {
       inc.frontend.close();

@@ -45,6 +45,7 @@ import {
 import { VhostUserError } from "../src/protocol/errors.js";
 import { encodeStreamHeader, hostStream } from "../src/migration/staged.js";
 import type { QueueBase } from "../src/virtq/types.js";
+import { sleep, until } from "./helpers.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x11]);
 const R_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x22]);
@@ -60,18 +61,6 @@ function incomingRamFds(): number {
     }
   }
   return n;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
 }
 
 /** A device that keeps every frame and can save/load its counters (or refuse to load). */
@@ -223,7 +212,7 @@ test("migration between two vhostkit switches: descriptors exactly once, RAM ide
     });
     gen.start();
     gens.push(gen);
-    await until("traffic on the source", () => peerA.received > 200);
+    await until(() => peerA.received > 200, "traffic on the source", 8000);
 
     let incoming: Promise<IncomingResult> | null = null;
     const l = await listen((s) => {
@@ -280,13 +269,14 @@ test("migration between two vhostkit switches: descriptors exactly once, RAM ide
     gens.push(gen2);
     const target = gen.nextSeq + 1000;
     await until(
-      "the destination sent 1000 more",
       () => gen2.completed > 0 && gen2.nextSeq >= target,
+      "the destination sent 1000 more",
+      8000,
     );
     gen2.stop();
-    await until("the destination drained", () => gen2.drain() === 0);
+    await until(() => gen2.drain() === 0, "the destination drained", 8000);
     const total = gen2.nextSeq;
-    await until("the peers received", () => peerA.received + peerB.received >= total - 256, 4000);
+    await until(() => peerA.received + peerB.received >= total - 256, "the peers received", 4000);
     // Descriptors: each sequence number completed exactly once, on one side or the other.
     assertExactlyOnce([...gen.completedSeqs, ...gen2.completedSeqs], total, "TX completions");
     assert.ok(gen2.completedSeqs.length > 0 && gen.completedSeqs.length > 0);
@@ -362,7 +352,7 @@ for (const packed of [false, true]) {
     let stopLater: SeqTrafficGuest | null = null;
     try {
       assert.equal(p.fe.queue(1)?.packed, packed);
-      await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 300);
+      await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 300, "traffic", 8000);
       let incoming: Promise<IncomingResult> | null = null;
       const l = await listen((s) => {
         incoming = receiveMigration({
@@ -382,11 +372,11 @@ for (const packed of [false, true]) {
           while (txA() % 512 === 0) {
             p.devA.hold = false;
             const n = txA();
-            await until("A moves off the initial ring position", () => txA() > n);
+            await until(() => txA() > n, "A moves off the initial ring position", 8000);
             p.devA.hold = true;
           }
           const n0 = p.gen.nextSeq;
-          await until("buffers in flight while A holds", () => p.gen.nextSeq >= n0 + 16);
+          await until(() => p.gen.nextSeq >= n0 + 16, "buffers in flight while A holds", 8000);
           p.gen.pause();
         },
         resume: (): void => p.gen.resume(),
@@ -431,9 +421,9 @@ for (const packed of [false, true]) {
       stopLater = gen2;
       gen2.start();
       const target = p.gen.nextSeq + 500;
-      await until("more traffic on B", () => gen2.completed > 0 && gen2.nextSeq >= target);
+      await until(() => gen2.completed > 0 && gen2.nextSeq >= target, "more traffic on B", 8000);
       gen2.stop();
-      await until("B drained", () => gen2.drain() === 0);
+      await until(() => gen2.drain() === 0, "B drained", 8000);
       const sent = gen2.nextSeq;
       assertExactlyOnce([...p.gen.completedSeqs, ...gen2.completedSeqs], sent, "TX completions");
       // The sinks saw every frame once (no ring was disabled with frames pending: sinks drop
@@ -481,7 +471,7 @@ for (const packed of [false, true]) {
     let dst: IncomingResult | null = null;
     try {
       gen.start();
-      await until("traffic on A", () => devA.totalTx > 300);
+      await until(() => devA.totalTx > 300, "traffic on A", 8000);
       assert.notEqual(srvA.session?.vrings[1]?.worker ?? null, null, "A's TX ring is a worker");
       let incoming: Promise<IncomingResult> | null = null;
       const l = await listen((s) => {
@@ -509,10 +499,10 @@ for (const packed of [false, true]) {
       gen2.start();
       const target = gen.nextSeq + 500;
       const g2 = gen2;
-      await until("more traffic on B", () => g2.completed > 0 && g2.nextSeq >= target);
+      await until(() => g2.completed > 0 && g2.nextSeq >= target, "more traffic on B", 8000);
       assert.notEqual(srvB.session?.vrings[1]?.worker ?? null, null, "B's TX ring is a worker");
       gen2.stop();
-      await until("B drained", () => g2.drain() === 0);
+      await until(() => g2.drain() === 0, "B drained", 8000);
       const sent = gen2.nextSeq;
       assertExactlyOnce([...gen.completedSeqs, ...gen2.completedSeqs], sent, "TX completions");
       assert.equal(devA.totalTx, atStop, "A took nothing after the stop");
@@ -539,12 +529,13 @@ async function expectResumed(p: Pair, err: unknown): Promise<void> {
   const before = p.devA.counters[0]?.txPackets ?? 0;
   const seqBefore = p.gen.nextSeq;
   await until(
-    "traffic continues on the source",
     () => (p.devA.counters[0]?.txPackets ?? 0) > before + 100,
+    "traffic continues on the source",
+    8000,
   );
   assert.ok(p.gen.nextSeq > seqBefore);
   p.gen.stop();
-  await until("source drained", () => p.gen.drain() === 0, 4000);
+  await until(() => p.gen.drain() === 0, "source drained", 4000);
   assertExactlyOnce(p.gen.completedSeqs, p.gen.nextSeq, "TX completions after a failed migration");
 }
 
@@ -552,7 +543,7 @@ test("fault: the destination dies mid-stream; the source resumes", async () => {
   const p = await statefulPair();
   let server: Server | null = null;
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     const l = await listen((s) => {
       // A destination that answers HELLO, takes some pages, then dies.
       let got = 0;
@@ -589,7 +580,7 @@ test("fault: the destination really killed mid-stream (receiveMigration aborted)
   const p = await statefulPair();
   let server: Server | null = null;
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     const l = await listenDestination(p, (s) => {
       let got = 0;
       s.on("data", (c: Buffer) => {
@@ -607,7 +598,7 @@ test("fault: the destination really killed mid-stream (receiveMigration aborted)
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr() !== null);
+    await until(() => destErr() !== null, "destination gave up", 8000);
     await expectResumed(p, err);
     assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
   } finally {
@@ -620,7 +611,7 @@ test("fault: the source back-end dies during pre-copy; the migration fails, the 
   const p = await statefulPair();
   let server: Server | null = null;
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     const l = await listenDestination(p);
     const destErr = l.error;
     server = l.server;
@@ -645,7 +636,7 @@ test("fault: the source back-end dies during pre-copy; the migration fails, the 
     assert.ok(err instanceof MigrationError, `MigrationError expected, got ${String(err)}`);
     assert.equal(err.sourceResumed, false, "no back-end left to resume");
     assert.match(err.message, /during precopy/, err.message);
-    await until("destination gave up", () => destErr() !== null);
+    await until(() => destErr() !== null, "destination gave up", 8000);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     assert.equal(p.devB.counters[0]?.txPackets ?? 0, 0, "the destination never ran");
   } finally {
@@ -659,7 +650,7 @@ test("fault: the stream is truncated; the destination releases everything, the s
   let proxy: Server | null = null;
   let server: Server | null = null;
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     const d = await listenDestination(p);
     const destErr = d.error;
     server = d.server;
@@ -692,7 +683,7 @@ test("fault: the stream is truncated; the destination releases everything, the s
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr() !== null);
+    await until(() => destErr() !== null, "destination gave up", 8000);
     assert.match(String(destErr()), /truncated/);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     await expectResumed(p, err);
@@ -708,7 +699,7 @@ test("fault: the destination back-end refuses the state; the source resumes", as
   let server: Server | null = null;
   try {
     p.devB.refuse = true;
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     const l = await listenDestination(p);
     const destErr = l.error;
     server = l.server;
@@ -722,7 +713,7 @@ test("fault: the destination back-end refuses the state; the source resumes", as
     );
     assert.ok(err instanceof MigrationError);
     assert.match(err.message, /CHECK_DEVICE_STATE|destination failed/);
-    await until("destination gave up", () => destErr() !== null);
+    await until(() => destErr() !== null, "destination gave up", 8000);
     assert.match(String(destErr()), /CHECK_DEVICE_STATE/);
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
     await expectResumed(p, err);
@@ -764,7 +755,7 @@ async function migrateWithHook(
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => destErr() !== null);
+    await until(() => destErr() !== null, "destination gave up", 8000);
     return { err, destErr };
   } finally {
     l.server.close();
@@ -780,7 +771,7 @@ function destinationFails(dest: Socket): void {
 test("fault: the destination FAILs while the source starts dirty logging; logging really ends", async () => {
   const p = await statefulPair();
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     let dest: Socket | null = null;
     let injected = false;
     const orig = p.fe.request.bind(p.fe);
@@ -812,7 +803,7 @@ test("fault: the destination FAILs while the source starts dirty logging; loggin
 test("fault: the destination FAILs while the source stops its rings; the rings really restart", async () => {
   const p = await statefulPair();
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     let dest: Socket | null = null;
     let injected = false;
     const orig = p.fe.setVringEnable.bind(p.fe);
@@ -895,13 +886,13 @@ async function tamperedMigration(
       () => null,
       (e: unknown) => e,
     );
-    await until("destination gave up", () => d.error() !== null);
+    await until(() => d.error() !== null, "destination gave up", 8000);
     const destErr = d.error();
     assert.ok(destErr instanceof VhostUserError, `field error expected, got ${String(destErr)}`);
     if (typeof field === "string") assert.equal(destErr.field, field, destErr.message);
     else assert.match(destErr.field ?? "", field, destErr.message);
     assert.ok(d.backendConnects() <= 1);
-    await until("destination released its back-end", () => p.srvB.session === null, 4000).catch(
+    await until(() => p.srvB.session === null, "destination released its back-end", 4000).catch(
       () => undefined,
     );
     assert.equal(incomingRamFds(), 0, "the destination closed its guest RAM");
@@ -1005,7 +996,7 @@ for (const c of malformed) {
   test(`fault: malformed stream (${c.name}); the destination fails naming the field`, async () => {
     const p = await statefulPair();
     try {
-      await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+      await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
       await tamperedMigration(p, c.rewrite, c.field);
     } finally {
       p.close();
@@ -1016,7 +1007,7 @@ for (const c of malformed) {
 test("fault: packed ring with buffers in flight in the source back-end is refused", async () => {
   const p = await statefulPair(true);
   try {
-    await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+    await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     await tamperedMigration(
       p,
       (s) => {
@@ -1094,7 +1085,7 @@ for (const c of [
     const p = await statefulPair();
     const d = await fakeDestination(c.hello);
     try {
-      await until("traffic", () => (p.devA.counters[0]?.txPackets ?? 0) > 100);
+      await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
       const err = await migrateSource({
         frontend: p.fe,
         stream: await connect(d.port),

@@ -22,13 +22,10 @@ import { GuestRam } from "../src/frontend/guest-ram.js";
 import { SeqTrafficGuest, migrateSource, receiveMigration } from "../src/orchestrator/index.js";
 import type { IncomingResult } from "../src/orchestrator/index.js";
 import { TraceProxy } from "../src/tools/trace/proxy.js";
+import { sleep } from "./helpers.js";
 
 const F_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x11]);
 const R_MAC = new Uint8Array([2, 0, 0, 0, 0, 0x22]);
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 test("destination request order: rings' sizes before the stop, bases, addresses and fds after it", async () => {
   const dir = mkdtempSync(join(tmpdir(), "vk-prestage-"));

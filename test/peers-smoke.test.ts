@@ -29,13 +29,10 @@ import {
   type Testpmd,
   type TestpmdOptions,
 } from "./peers/testpmd.js";
+import { sleep } from "./helpers.js";
 
 const isRoot = process.getuid?.() === 0;
 const skipUnlessRoot = isRoot ? false : "needs root (CI runs as root)";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 /** Run `fn` with a temp dir; on failure add the peers' log paths to the error. */
 async function withPeers(

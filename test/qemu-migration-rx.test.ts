@@ -50,7 +50,7 @@ import type { PortCounters } from "../src/net/port.js";
 import { uaddr } from "../src/memory/address.js";
 import { arpRequest, attachTestGuest, icmpEcho, ipv4 } from "./fixtures/switch-frames.js";
 import type { TestGuest } from "./fixtures/switch-frames.js";
-import { LineLogger } from "./helpers.js";
+import { LineLogger, sleep, until } from "./helpers.js";
 import { TCG_DIRTY_SYNC_SLACK_KIB, freeTcpPort, startGuest } from "./peers/qemu.js";
 import type { Guest, MigrationInfo } from "./peers/qemu.js";
 import {
@@ -71,18 +71,6 @@ const SENDER_IP = "192.0.2.9";
 const GUEST_MEM_MIB = 256;
 /** Echo ids carry the high bits of the sequence number, from this base. */
 const ID_BASE = 0x4000;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 /** An ARP reply from the sender to `toMac`/`toIp`. */
 function arpReply(toMac: Uint8Array, toIp: Uint8Array): Uint8Array {

@@ -26,7 +26,7 @@ import type { Guest, MigrationInfo } from "./peers/qemu.js";
 import { startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
 import { joinOverVxlan, startMigrationPair, withRig } from "./fixtures/qemu-migration-rig.js";
-import { LineLogger } from "./helpers.js";
+import { LineLogger, sleep, until } from "./helpers.js";
 
 const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
 const skipUnlessRoot = isRoot ? false : "needs root (CI runs as root)";
@@ -38,18 +38,6 @@ const PEER_IP = "192.0.2.2";
 const NIC = { guestAnnounceOff: true, guestAddrs: [GUEST_IP], mac: GUEST_MAC };
 /** Pings lost across the migration that still count as "a few". */
 const MAX_LOST = 5;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
 
 /** A passive switch port that records what is flooded to it (to see the RARP). */
 class ObserverPort implements SwitchPort {

@@ -37,6 +37,7 @@ import type { DescChain } from "../src/virtq/types.js";
 import type { Gpa } from "../src/memory/address.js";
 import { ModelSlot } from "./fixtures/model-worker.js";
 import type { CompleteRequest, ModelWorkerOptions } from "./fixtures/model-worker.js";
+import { sleep } from "./helpers.js";
 
 const FR = FrontendRequest;
 const RAM_SIZE = 1 << 20;
@@ -50,10 +51,6 @@ const BUF = 64;
 const SMALL_LOG = RAM_SIZE / 4096 / 8;
 /** a log for [0, 2 * RAM_SIZE): covers the extra region too */
 const BIG_LOG = (2 * RAM_SIZE) / 4096 / 8;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 /** What the test needs from the device, wherever its queue runs. */
 interface Holder {

@@ -20,20 +20,9 @@ import { Switch } from "../src/net/switch.js";
 import { VirtioNetDevice } from "../src/net/virtio-net.js";
 import { newPortCounters, newPortOffloads } from "../src/net/port.js";
 import type { Frame, SwitchPort } from "../src/net/port.js";
+import { until } from "./helpers.js";
 
 const GUEST_MAC = "52:54:00:12:34:56";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(1);
-  }
-}
 
 /** Another port on the switch (the frames' source). */
 class PeerPort implements SwitchPort {
@@ -73,7 +62,7 @@ for (const packed of [false, true]) {
     const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 5000 });
     const ram = GuestRam.create({ size: 2 << 20, name: `vk-rs-net-${sockets}` });
     try {
-      await until(() => server.session !== null, "the session");
+      await until(() => server.session !== null, "the session", 3000);
       const session = server.session as BackendSession;
       await fe.negotiate({
         features: featureSet(
@@ -89,7 +78,7 @@ for (const packed of [false, true]) {
       // Two 64-byte receive buffers: a 1000-byte frame does not fit, the port holds both.
       rx.postRxBuffers(2, 64);
       rx.kick();
-      await until(() => session.vrings[0]!.started, "the receive ring runs");
+      await until(() => session.vrings[0]!.started, "the receive ring runs", 3000);
       sw.receive(peer, { data: frame(1, 1000), meta: {} });
       sw.flush();
       assert.equal(session.vrings[0]!.inFlight, 2, "the port holds both chains");
@@ -99,7 +88,7 @@ for (const packed of [false, true]) {
       assert.equal(session.vrings[0]!.inFlight, 0);
       // After the restart the same buffers are taken again: a frame that fits arrives.
       await fe.restartQueue(0);
-      await until(() => session.vrings[0]!.started, "the receive ring runs again");
+      await until(() => session.vrings[0]!.started, "the receive ring runs again", 3000);
       sw.receive(peer, { data: frame(2, 60), meta: {} });
       sw.flush();
       await until(() => rx.readyCount > 0 || rx.getUsed() !== null, "a frame received", 2000);

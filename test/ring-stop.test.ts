@@ -35,6 +35,7 @@ import { splitRingSizes } from "../src/virtq/layout.js";
 import type { Gpa } from "../src/memory/address.js";
 import { Holder } from "./fixtures/hold-worker.js";
 import type { HoldOptions } from "./fixtures/hold-worker.js";
+import { sleep, until } from "./helpers.js";
 
 const FR = FrontendRequest;
 const LOG_ALL = featureMask(VirtioFeature.LOG_ALL);
@@ -42,18 +43,6 @@ const PF = featureMask(VirtioFeature.PROTOCOL_FEATURES);
 const RAM_SIZE = 1 << 20;
 const DATA_START = 256 << 10;
 const BUF = 256;
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 3000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(1);
-  }
-}
 
 /** One queue; its chains go to a {@link Holder} (on the main thread or in a worker). */
 class HoldDevice implements VhostUserDevice {
@@ -125,7 +114,7 @@ async function rig(
     closed = true;
   });
   fe.on("error", () => {});
-  await until(() => server.session !== null, "the session");
+  await until(() => server.session !== null, "the session", 3000);
   const features =
     featureSet(VirtioFeature.VERSION_1) | (packed ? featureSet(VirtioFeature.RING_PACKED) : 0n);
   await fe.negotiate({ features });
@@ -171,10 +160,10 @@ function collect(q: FrontendQueue): { id: number; len: number }[] {
 /** Wait until the back-end has taken `n` chains (the ring's avail position moved). */
 async function taken(r: Rig, n: number, workers: boolean): Promise<void> {
   if (workers) {
-    await until(() => (r.dev.counters[0] as number) >= n, `${n} chains taken by the worker`);
+    await until(() => (r.dev.counters[0] as number) >= n, `${n} chains taken by the worker`, 3000);
     return;
   }
-  await until(() => r.dev.holder.held.length === n, `${n} chains held`);
+  await until(() => r.dev.holder.held.length === n, `${n} chains held`, 3000);
 }
 
 class LogFile {
@@ -273,7 +262,7 @@ for (const { packed, workers, label } of MATRIX) {
       const t0 = Date.now();
       await assert.rejects(r.fe.stopQueue(0));
       const ms = Date.now() - t0;
-      await until(() => r.closed(), "the connection closed");
+      await until(() => r.closed(), "the connection closed", 3000);
       assert.ok(ms < 1500, `failed after the bound (${ms} ms)`);
       const e = r.errors.find((x) => /GET_VRING_BASE/.test(x.message));
       assert.ok(e, `an error names GET_VRING_BASE: ${r.errors.map((x) => x.message).join("; ")}`);
@@ -410,7 +399,7 @@ test("a failed GET_VRING_BASE closes the connection instead of answering base 0"
       })
       .catch(() => {});
     assert.equal(answered, false, "no answer with a base");
-    await until(() => r.closed(), "the connection closed");
+    await until(() => r.closed(), "the connection closed", 3000);
     assert.ok(r.errors.some((e) => /GET_VRING_BASE/.test(e.message) && /7/.test(e.message)));
   } finally {
     r.close();

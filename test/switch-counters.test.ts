@@ -15,13 +15,12 @@ import { fileURLToPath } from "node:url";
 
 import { startTestpmd } from "./peers/testpmd.js";
 import type { PortStats, Testpmd } from "./peers/testpmd.js";
+import { sleep } from "./helpers.js";
 
 const here = fileURLToPath(new URL(".", import.meta.url));
 const BIN = join(here, "..", "..", "bin", "vhostkit.js");
 const MAC_0 = "52:54:00:00:13:20";
 const MAC_1 = "52:54:00:00:13:21";
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 interface Counters {
   rxPackets: number;

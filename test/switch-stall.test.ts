@@ -19,7 +19,7 @@ import { join } from "node:path";
 import { Switch } from "../src/net/switch.js";
 import { addVhostUserPort } from "../src/net/virtio-net.js";
 import type { VhostUserPort } from "../src/net/virtio-net.js";
-import { LineLogger } from "./helpers.js";
+import { LineLogger, sleep } from "./helpers.js";
 import { findExecutable, startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
 
@@ -45,8 +45,6 @@ const VARIANTS: readonly Variant[] = [
 function label(v: Variant): string {
   return `${v.packed ? "packed" : "split"}, MRG_RXBUF ${v.mrg ? "on" : "off"}`;
 }
-
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 async function waitFor(what: string, cond: () => boolean, timeoutMs = 10_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -14,10 +14,7 @@ import { TraceProxy, formatTraceEvent } from "../src/tools/trace/proxy.js";
 import type { TraceEvent } from "../src/tools/trace/proxy.js";
 import { startTestpmd } from "./peers/testpmd.js";
 import type { Testpmd } from "./peers/testpmd.js";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
+import { sleep } from "./helpers.js";
 
 test("vhostkit trace: DPDK virtio_user -> trace -> DPDK vhost PMD (regression: fds read with several messages go with the one holding the last byte)", async (t) => {
   const dir = mkdtempSync(join(tmpdir(), "vk-trace-dpdk-"));

@@ -21,12 +21,9 @@ import { FrontendRequest } from "../src/protocol/constants.js";
 import { encodeHeader } from "../src/protocol/framing.js";
 import { TraceProxy, formatTraceEvent } from "../src/tools/trace/proxy.js";
 import type { TraceEvent } from "../src/tools/trace/proxy.js";
+import { sleep } from "./helpers.js";
 
 const CHILD = fileURLToPath(new URL("./fixtures/check-backend-child.js", import.meta.url));
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 async function echoBackend(t: TestContext, sock: string): Promise<void> {
   const child = spawn(process.execPath, [CHILD, sock, "echo"], {

@@ -33,19 +33,7 @@ import { GuestRam } from "../src/frontend/guest-ram.js";
 import { VhostUserFrontend } from "../src/frontend/frontend.js";
 import type { FrontendQueue } from "../src/frontend/queue.js";
 import { startTestpmd } from "./peers/testpmd.js";
-import { LineLogger, openFds } from "./helpers.js";
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-async function until(cond: () => boolean, what: string, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(2);
-  }
-}
+import { LineLogger, openFds, sleep, until } from "./helpers.js";
 
 function describeFds(fds: Iterable<string>): string {
   return [...fds]
@@ -138,7 +126,7 @@ async function setup(
     ...(opts.busyPollMicros !== undefined ? { busyPollMicros: opts.busyPollMicros } : {}),
   });
   const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 8000 });
-  await until(() => server.session !== null, "the session");
+  await until(() => server.session !== null, "the session", 8000);
   const session = server.session as BackendSession;
   const neg = await fe.negotiate({
     features: FEATURES | (packed ? featureSet(VirtioFeature.RING_PACKED) : 0n),
@@ -179,7 +167,7 @@ for (const packed of [false, true]) {
       // 1. exact count, processed in the worker (the main thread holds no ring for it)
       const n1 = 3000;
       await transmit(tx, n1);
-      await until(() => s.device.totalTx === n1, `${n1} frames counted`);
+      await until(() => s.device.totalTx === n1, `${n1} frames counted`, 8000);
       const worker = vring.worker;
       assert.ok(worker, "queue 1 runs in a worker");
       assert.equal(vring.deviceQueue, null, "the main thread does not process queue 1");
@@ -206,7 +194,7 @@ for (const packed of [false, true]) {
       const n2 = 2000;
       await transmit(tx, n2, n1 + queued);
       const total = n1 + queued + n2;
-      await until(() => s.device.totalTx === total, `${total} frames counted`);
+      await until(() => s.device.totalTx === total, `${total} frames counted`, 8000);
       assert.ok(current() && current() !== worker, "a new worker after the restart");
 
       // 4. memory-table replacement while the worker runs (split: live; packed: stop mode)
@@ -217,7 +205,7 @@ for (const packed of [false, true]) {
       s.ram = copy;
       const n3 = 1500;
       await transmit(tx, n3, total);
-      await until(() => s.device.totalTx === total + n3, `${total + n3} frames counted`);
+      await until(() => s.device.totalTx === total + n3, `${total + n3} frames counted`, 8000);
       await sleep(30);
       assert.equal(s.device.totalTx, total + n3, "no frame counted twice");
       if (!packed) assert.equal(current(), running, "the same worker remapped (live)");
@@ -232,7 +220,7 @@ for (const packed of [false, true]) {
       const last = current()!;
       s.fe.close();
       assert.equal(await last.exited, 0, "the worker ended on disconnect");
-      await until(() => s.session.closed, "the session to close");
+      await until(() => s.session.closed, "the session to close", 8000);
       s.server.close();
       s.ram.close();
       await sleep(20);
@@ -263,7 +251,7 @@ for (const workerQueues of [false, true]) {
         for (let round = 0; round < 4; round++) {
           await transmit(tx, 1000, sent, 10_000, nextTurn);
           sent += 1000;
-          await until(() => s.device.totalTx === sent, `${sent} frames counted`);
+          await until(() => s.device.totalTx === sent, `${sent} frames counted`, 8000);
           // a pause longer than the polling window: notifications must be asked for again,
           // or the next round would never be kicked through
           await sleep(30);
@@ -364,15 +352,15 @@ test("worker queue: a bad ring breaks only that queue (err eventfd), the worker 
     const [, tx] = await s.fe.start(s.ram, [64, 64]);
     assert.ok(tx);
     await transmit(tx, 100);
-    await until(() => s.device.totalTx === 100, "100 frames");
+    await until(() => s.device.totalTx === 100, "100 frames", 8000);
     const worker = s.session.vrings[1]!.worker!;
     assert.ok(worker);
     // Publish a buffer whose descriptor points outside guest memory.
     tx.add([{ gpa: gpa(0x7000_0000_0000), len: 64, writable: false }]);
     tx.kick();
-    await until(() => s.session.vrings[1]!.broken !== null, "the ring to break");
+    await until(() => s.session.vrings[1]!.broken !== null, "the ring to break", 8000);
     assert.match(s.session.vrings[1]!.broken!, /worker: .*desc\.addr|outside/);
-    await until(() => tx.stats.errors > 0, "the err eventfd to fire");
+    await until(() => tx.stats.errors > 0, "the err eventfd to fire", 8000);
     assert.equal(await worker.exited, 0);
     assert.equal(s.session.vrings[1]!.worker, null);
     assert.equal(s.session.closed, false, "the connection goes on");
@@ -404,7 +392,7 @@ for (const packed of [false, true]) {
         expected += sent.txPackets;
       }
       assert.equal(expected, 1000);
-      await until(() => device.totalTx >= expected, `${expected} frames at the device`);
+      await until(() => device.totalTx >= expected, `${expected} frames at the device`, 8000);
       await sleep(200);
       assert.equal(device.totalTx, expected, "every frame counted once");
       assert.equal(device.counters[0]!.txBytes, expected * 64, "64-byte frames");
@@ -454,7 +442,7 @@ test("worker queue: a worker that stops answering is terminated; GET_VRING_BASE 
   const fe = await VhostUserFrontend.connect(path, { timeoutMs: 3000, requestTimeoutMs: 12_000 });
   const ram = GuestRam.create({ size: 4 << 20, name: `wq-hang-${process.pid}` });
   try {
-    await until(() => server.session !== null, "the session");
+    await until(() => server.session !== null, "the session", 8000);
     const session = server.session as BackendSession;
     await fe.negotiate({ features: FEATURES });
     const [, tx] = await fe.start(ram, [64, 64]);
@@ -462,7 +450,7 @@ test("worker queue: a worker that stops answering is terminated; GET_VRING_BASE 
     const vring = session.vrings[1]!;
     // The ring starts (in its worker) on the first kick; the worker then hangs on the buffer.
     tx.sendFrame(frame(1));
-    await until(() => vring.worker !== null, "the worker");
+    await until(() => vring.worker !== null, "the worker", 8000);
     const worker = vring.worker!;
     await sleep(50);
     assert.ok(worker.ownedFds > 0, "the worker holds kick/call dups");
@@ -476,7 +464,7 @@ test("worker queue: a worker that stops answering is terminated; GET_VRING_BASE 
     assert.notEqual(await worker.exited, 0, "the worker was terminated");
     assert.equal(worker.ownedFds, 0, "every fd sent to the worker is closed");
     assert.equal(vring.worker, null);
-    await until(() => session.closed, "the connection closed");
+    await until(() => session.closed, "the connection closed", 8000);
   } finally {
     fe.close();
     server.close();

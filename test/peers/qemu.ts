@@ -17,6 +17,7 @@ import { join } from "node:path";
 import { buildGuestImage, GUEST_READY_MARKER, type GuestImage } from "./guest-image.js";
 import { checkTestAddress } from "./netns.js";
 import { findExecutable, uniqueName } from "./testpmd.js";
+import { sleep } from "../helpers.js";
 
 /** One vhost-user-net device of the guest. */
 export interface VhostUserNic {
@@ -111,10 +112,6 @@ export type Json = null | boolean | number | string | Json[] | { [k: string]: Js
 export interface QmpEvent {
   readonly event: string;
   readonly data?: Json;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function isObj(v: Json | undefined): v is { [k: string]: Json } {

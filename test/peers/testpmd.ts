@@ -24,6 +24,7 @@ import {
 import { lstat, mkdir, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { delimiter, join } from "node:path";
+import { sleep } from "../helpers.js";
 
 /** testpmd forward modes that the harness knows how to use. */
 export type ForwardMode = "txonly" | "rxonly" | "io" | "mac" | "icmpecho";
@@ -149,11 +150,6 @@ export function findExecutable(name: string, fallbacks: readonly string[] = []):
  */
 export function uniqueName(stem: string): string {
   return `${stem}-${randomBytes(4).toString("hex")}`;
-}
-
-/** Resolve after `ms` milliseconds. */
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function num(block: string, label: string, where: string): number {
