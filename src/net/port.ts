@@ -99,7 +99,9 @@ export type DropReason =
   /** an offload the destination cannot take and the switch cannot do in software (UFO) */
   | "offload"
   /** a GSO frame that would need more than MAX_GSO_SEGMENTS software segments */
-  | "gso-segments";
+  | "gso-segments"
+  /** flooded (broadcast, multicast, unknown unicast) while no other port was up */
+  | "no-destination";
 
 /** Every drop reason, in a fixed order (for stats). */
 export const DROP_REASONS: readonly DropReason[] = Object.freeze([
@@ -112,6 +114,7 @@ export const DROP_REASONS: readonly DropReason[] = Object.freeze([
   "hairpin",
   "offload",
   "gso-segments",
+  "no-destination",
 ]);
 
 /** Counters of one port (plain data: safe to serialise). */

@@ -370,10 +370,17 @@ export class Switch implements PortHost {
 
   #flood(from: SwitchPort, frame: Frame): void {
     const ports = this.#ports;
+    let reached = 0;
     for (let i = 0; i < ports.length; i++) {
       const p = ports[i] as SwitchPort;
-      if (p !== from && p.up) this.#deliverTo(from, p, frame);
+      if (p !== from && p.up) {
+        this.#deliverTo(from, p, frame);
+        reached++;
+      }
     }
+    // Every frame the switch takes ends somewhere in the counters: one that no port could be
+    // offered is a drop of its source port.
+    if (reached === 0) from.counters.drops["no-destination"]++;
   }
 
   /** Deliver to one port, completing offloads it cannot take. */
