@@ -8,10 +8,11 @@ import assert from "node:assert/strict";
 import { readFileSync, readlinkSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import diagnostics_channel from "node:diagnostics_channel";
 
 import { native } from "../src/native.js";
-import { Channel } from "../src/channel.js";
-import type { FrontendMessage } from "../src/channel.js";
+import { Channel, MESSAGE_DIAGNOSTICS_CHANNEL } from "../src/channel.js";
+import type { FrontendMessage, MessageDiagnostic } from "../src/channel.js";
 import {
   BackendRequest,
   FrontendRequest,
@@ -597,6 +598,62 @@ test("frontend: stopQueue and restartQueue (split and packed bases, new kick fd)
     assert.deepEqual(be.log[1]?.payload, { index: 1, num: 5 | 0x8000 | (9 << 16) });
     await assert.rejects(fe.restartQueue(3), /not set up/);
   } finally {
+    fe.close();
+    be.close();
+    ram.close();
+  }
+});
+
+test("frontend: stopQueues writes each ring's stop requests back to back, in stopQueue's order", async () => {
+  const { fe, be } = pair();
+  const ram = GuestRam.create({ size: 2 << 20 });
+  const events: string[] = [];
+  const onMessage = (m: unknown): void => {
+    const d = m as MessageDiagnostic;
+    if (d.direction === "out" && d.kind === "request") events.push(`-> ${d.name}`);
+    if (d.direction === "in" && d.kind !== "request") events.push(`<- ${d.name}`);
+  };
+  try {
+    await fe.negotiate({ features: WANTED });
+    await fe.start(ram, [16, 16, 16]);
+    be.log.length = 0;
+    be.vringBase.set(0, 3);
+    be.vringBase.set(2, 9);
+    diagnostics_channel.subscribe(MESSAGE_DIAGNOSTICS_CHANNEL, onMessage);
+    const bases = await fe.stopQueues([0, 1, 2]);
+    diagnostics_channel.unsubscribe(MESSAGE_DIAGNOSTICS_CHANNEL, onMessage);
+    assert.deepEqual(
+      [...bases],
+      [
+        [0, { availIdx: 3 }],
+        [1, { availIdx: 0 }],
+        [2, { availIdx: 9 }],
+      ],
+    );
+    // The back-end sees what one stopQueue after another sends...
+    assert.deepEqual(be.names(), [
+      "SET_VRING_ENABLE",
+      "GET_VRING_BASE",
+      "SET_VRING_ENABLE",
+      "GET_VRING_BASE",
+      "SET_VRING_ENABLE",
+      "GET_VRING_BASE",
+    ]);
+    // ...but every request is on the wire before the first answer comes back.
+    const firstAnswer = events.findIndex((e) => e.startsWith("<-"));
+    assert.equal(firstAnswer, 6, events.join(", "));
+    for (const q of fe.queues.values()) assert.equal(q.stopped, true);
+    for (const q of fe.queues.values()) assert.equal(q.enabled, true, "the driver's choice stays");
+
+    // A refused ENABLE 0 fails the stop, and the ring that did stop is marked stopped.
+    for (const i of [0, 1, 2]) await fe.restartQueue(i);
+    be.failOn.add("SET_VRING_ENABLE");
+    await assert.rejects(fe.stopQueues([0, 1]), /SET_VRING_ENABLE/);
+    assert.equal(fe.queue(0)?.stopped, true, "GET_VRING_BASE answered: ring 0 is stopped");
+    assert.equal(fe.queue(1)?.stopped, true, "GET_VRING_BASE answered: ring 1 is stopped");
+    assert.equal(fe.queue(2)?.stopped, false);
+  } finally {
+    diagnostics_channel.unsubscribe(MESSAGE_DIAGNOSTICS_CHANNEL, onMessage);
     fe.close();
     be.close();
     ram.close();

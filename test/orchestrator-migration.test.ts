@@ -806,15 +806,23 @@ test("fault: the destination FAILs while the source stops its rings; the rings r
     await until(() => (p.devA.counters[0]?.txPackets ?? 0) > 100, "traffic", 8000);
     let dest: Socket | null = null;
     let injected = false;
-    const orig = p.fe.setVringEnable.bind(p.fe);
-    p.fe.setVringEnable = ((index: number, enable: boolean) => {
-      if (!enable && dest !== null && !injected) {
+    const orig = p.fe.request.bind(p.fe);
+    p.fe.request = ((...args: Parameters<typeof orig>) => {
+      const [request, payload] = args;
+      if (
+        request === FrontendRequest.SET_VRING_ENABLE &&
+        (payload as { num: number }).num === 0 &&
+        dest !== null &&
+        !injected
+      ) {
         injected = true;
+        // Written now (the wire order stays), answered to the source only after the FAIL:
+        // the source sees the FAIL while SET_VRING_ENABLE 0 / GET_VRING_BASE are on their way.
+        const reply = orig(...args);
         destinationFails(dest);
-        // the source sees the FAIL while SET_VRING_ENABLE 0 / GET_VRING_BASE are on their way
-        return sleep(100).then(() => orig(index, enable));
+        return sleep(100).then(() => reply);
       }
-      return orig(index, enable);
+      return orig(...args);
     }) as typeof orig;
     const { err } = await migrateWithHook(p, (s) => {
       dest = s;

@@ -563,7 +563,8 @@ async function destinationSetup(c: DestinationContext): Promise<void> {
 async function destinationPages(c: DestinationContext): Promise<void> {
   const ram = c.ram as GuestRam;
   for (;;) {
-    const s = await c.reader.nextInStage();
+    // Borrowed: each section is used before the next read (no copy, no allocation per pass).
+    const s = await c.reader.nextInStage({ borrow: true });
     if (s === null) return;
     if (s.type === SectionType.PAGES) {
       c.pagesReceived += applyPages(ram.memory, s.payload, c.touched).pages;
@@ -694,42 +695,49 @@ async function destinationSwitchover(c: DestinationContext): Promise<void> {
       fe.setupQueue(q.index, { size: q.size, restore: snap, base, enable: false, pipeline: true }),
     );
   }
-  const set = await Promise.allSettled(rings);
+  // The state LOAD goes right behind the rings' requests (the back-end takes them in order);
+  // its SET_DEVICE_STATE_FD reply comes after their acks, so both are awaited together.
+  const load = c.backendState !== null ? loadBackendState(fe, c.backendState) : Promise.resolve();
+  const [set, loaded] = await Promise.all([Promise.allSettled(rings), settle(load)]);
   for (const r of set) if (r.status === "fulfilled") c.queues.push(r.value);
   for (const r of set) if (r.status === "rejected") throw r.reason;
+  if (loaded !== null) throw loaded;
   await fe.barrier();
-  step("rings");
-  if (c.backendState !== null) {
-    await loadBackendState(fe, c.backendState);
-    step("backend state");
-  }
+  step(c.backendState !== null ? "rings + backend state" : "rings");
+  // --- start: every enable, the status and the RARP in one batch (in that order on the wire),
+  // the acks awaited together; then each enabled ring is kicked once.
   const pf = hasFeature(fe.features, VirtioFeature.PROTOCOL_FEATURES);
   const enabled = new Map(vs.queues.map((q) => [q.index, q.enabled]));
-  for (const q of c.queues) {
-    // A ring the driver had disabled stays disabled (without F_PROTOCOL_FEATURES every ring
-    // starts enabled: there is no SET_VRING_ENABLE).
-    if (pf && enabled.get(q.index) === false) continue;
-    if (pf) await fe.setVringEnable(q.index, true);
-    q.forceKick();
-  }
-  if (c.statusNegotiated) await fe.setStatus(vs.status);
-  await fe.barrier();
-  step("enable");
-  if (
+  // A ring the driver had disabled stays disabled (without F_PROTOCOL_FEATURES every ring
+  // starts enabled: there is no SET_VRING_ENABLE).
+  const started = c.queues.filter((q) => !pf || enabled.get(q.index) !== false);
+  const acks: Promise<void>[] = [];
+  if (pf) for (const q of started) acks.push(fe.setVringEnable(q.index, true));
+  if (c.statusNegotiated) acks.push(fe.setStatus(vs.status));
+  const rarp =
     c.options.rarp !== "never" &&
     !hasFeature(vs.features, VirtioFeature.GUEST_ANNOUNCE) &&
     hasFeature(fe.protocolFeatures, ProtocolFeature.RARP) &&
     vs.deviceId === 1 &&
-    vs.device.length >= 6
-  ) {
-    await fe.sendRarp(vs.device.subarray(0, 6));
-    await fe.barrier();
-    c.rarpSent = true;
-    step("rarp");
-  }
+    vs.device.length >= 6;
+  if (rarp) acks.push(fe.sendRarp(vs.device.subarray(0, 6)));
+  for (const r of await Promise.allSettled(acks)) if (r.status === "rejected") throw r.reason;
+  await fe.barrier();
+  // ORDERING: the kicks follow the acks: the back-end has enabled the rings when it sees them.
+  for (const q of started) q.forceKick();
+  c.rarpSent = rarp;
+  step("enable"); // with SET_STATUS and SEND_RARP when sent
   await writeAll(c.stream, encodeJsonSection(SectionType.DONE, { ok: true, steps }));
   c.stream.end();
   c.report("DONE");
+}
+
+/** A promise's failure, or null once it fulfilled (never rejects). */
+function settle(p: Promise<unknown>): Promise<unknown> {
+  return p.then(
+    () => null,
+    (err: unknown) => err ?? new Error("rejected"),
+  );
 }
 
 /** The destination's stage functions, by the names of HOST_STREAM_STAGES. */

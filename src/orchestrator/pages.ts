@@ -6,7 +6,8 @@ import { createHash } from "node:crypto";
 import type { Duplex } from "node:stream";
 import type { GuestRam } from "../frontend/guest-ram.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
-import { SectionType, encodeSection, writeAll, MigrationStreamFormatError } from "./stream.js";
+import { crc32 } from "../migration/state-codec.js";
+import { SectionType, MigrationStreamFormatError } from "./stream.js";
 
 /** Bytes per migrated page (VHOST_LOG_PAGE). */
 export const PAGE_SIZE = 4096;
@@ -23,66 +24,146 @@ export interface PageCounters {
   bytes: number;
 }
 
+/** Bytes of one PAGES section at most: header, iteration and count, the pages, CRC. */
+const SECTION_CAPACITY = 8 + 8 + PAGES_PER_SECTION * (5 + PAGE_SIZE) + 4;
+
+/** One reusable section buffer and the write that still holds it. */
+interface SendSlot {
+  readonly buf: Buffer;
+  /** settles when the stream has flushed the last write of this buffer (an error or null) */
+  pending: Promise<Error | null> | null;
+}
+
 /**
- * Send pages of guest RAM in PAGES sections.
- * @param stream the connection
- * @param memory the source's guest memory
- * @param iteration the iteration number written in each section
- * @param pages page numbers (pages outside every region are skipped)
- * @param counters updated as pages go out
- * @returns when every section was queued
- * @throws Error when the connection is closed or fails while a section is written
- *   ({@link writeAll}); MigrationStreamFormatError never (sections stay below the size limit)
+ * Sends pages of guest RAM in PAGES sections from two section buffers that it reuses for the
+ * whole migration: the page copy goes straight into the section (header and CRC written in
+ * place), so a pass allocates nothing and touches no fresh memory. Both buffers are faulted in
+ * when the sender is made (before the stop), so the final pass takes no page fault.
+ *
+ * A section is handed to the stream without waiting for it to be flushed; a buffer is filled
+ * again only once the stream has flushed it (LIFETIME: the socket holds a reference to the
+ * bytes until its write callback), so at most two sections are in flight and the final pages
+ * go out while the source goes on with the device state.
  */
-export async function sendPages(
-  stream: Duplex,
-  memory: GuestMemory,
-  iteration: number,
-  pages: Iterable<number>,
-  counters: PageCounters,
-): Promise<void> {
-  let buf = Buffer.allocUnsafe(8 + PAGES_PER_SECTION * (5 + PAGE_SIZE));
-  const zero = Buffer.alloc(PAGE_SIZE);
-  let off = 8;
-  let n = 0;
-  const flush = async (): Promise<void> => {
-    if (n === 0) return;
-    buf.writeUInt32BE(iteration, 0);
-    buf.writeUInt32BE(n, 4);
-    const sec = encodeSection(SectionType.PAGES, buf.subarray(0, off));
-    counters.bytes += sec.length;
-    await writeAll(stream, sec);
-    buf = Buffer.allocUnsafe(buf.length);
-    off = 8;
-    n = 0;
-  };
-  for (const page of pages) {
-    const gpa = page * PAGE_SIZE;
-    const r = memory.tryRegionFor(gpa, PAGE_SIZE);
-    if (r === null) continue;
-    // LIFETIME: a view of the mapped page, used only within this iteration of the loop.
-    const at = r.bytes.byteOffset + (gpa - r.gpa);
-    const src = Buffer.from(r.bytes.buffer, at, PAGE_SIZE);
-    buf.writeUInt32BE(page, off);
-    // ORDERING: the back-end (and the guest) may be writing this page while it is copied: no
-    // barrier can order a plain copy against them. Pre-copy relies on the dirty log instead:
-    // the log was fetched and cleared before this copy, so any write that races it sets the
-    // page's bit again and the page goes out again in a later pass (the final pass runs with
-    // the rings stopped). The zero check looks at the copy, so the kind matches what is sent.
-    src.copy(buf, off + 5);
-    if (buf.compare(zero, 0, PAGE_SIZE, off + 5, off + 5 + PAGE_SIZE) === 0) {
-      buf.writeUInt8(0, off + 4);
-      off += 5;
-      counters.zeroPages++;
-    } else {
-      buf.writeUInt8(1, off + 4);
-      off += 5 + PAGE_SIZE;
-    }
-    n++;
-    counters.pages++;
-    if (n === PAGES_PER_SECTION) await flush();
+export class PageSender {
+  readonly #stream: Duplex;
+  readonly #memory: GuestMemory;
+  readonly #counters: PageCounters;
+  readonly #slots: [SendSlot, SendSlot];
+  #next = 0;
+
+  /**
+   * @param stream the connection
+   * @param memory the source's guest memory
+   * @param counters updated as pages go out
+   */
+  constructor(stream: Duplex, memory: GuestMemory, counters: PageCounters) {
+    this.#stream = stream;
+    this.#memory = memory;
+    this.#counters = counters;
+    // fill(): fault the pages in now, outside the downtime.
+    const slot = (): SendSlot => ({
+      buf: Buffer.allocUnsafeSlow(SECTION_CAPACITY).fill(0),
+      pending: null,
+    });
+    this.#slots = [slot(), slot()];
   }
-  await flush();
+
+  /**
+   * Send pages in PAGES sections of one iteration.
+   * @param iteration the iteration number written in each section
+   * @param pages page numbers (pages outside every region are skipped)
+   * @returns when every section was handed to the stream (not necessarily flushed)
+   * @throws Error when the connection is closed or fails while a section is written
+   */
+  async send(iteration: number, pages: Iterable<number>): Promise<void> {
+    const counters = this.#counters;
+    let slot = await this.#take();
+    let buf = slot.buf;
+    let off = 16;
+    let n = 0;
+    for (const page of pages) {
+      const gpa = page * PAGE_SIZE;
+      const r = this.#memory.tryRegionFor(gpa, PAGE_SIZE);
+      if (r === null) continue;
+      // LIFETIME: a view of the mapped page, used only within this iteration of the loop.
+      const at = r.bytes.byteOffset + (gpa - r.gpa);
+      const src = Buffer.from(r.bytes.buffer, at, PAGE_SIZE);
+      buf.writeUInt32BE(page, off);
+      // ORDERING: the back-end (and the guest) may be writing this page while it is copied: no
+      // barrier can order a plain copy against them. Pre-copy relies on the dirty log instead:
+      // the log was fetched and cleared before this copy, so any write that races it sets the
+      // page's bit again and the page goes out again in a later pass (the final pass runs with
+      // the rings stopped). The zero check looks at the copy, so the kind matches what is sent.
+      src.copy(buf, off + 5);
+      if (isZeroPage(buf, off + 5)) {
+        buf[off + 4] = 0;
+        off += 5;
+        counters.zeroPages++;
+      } else {
+        buf[off + 4] = 1;
+        off += 5 + PAGE_SIZE;
+      }
+      n++;
+      counters.pages++;
+      if (n === PAGES_PER_SECTION) {
+        this.#write(slot, iteration, n, off);
+        slot = await this.#take();
+        buf = slot.buf;
+        off = 16;
+        n = 0;
+      }
+    }
+    if (n > 0) this.#write(slot, iteration, n, off);
+  }
+
+  /**
+   * Wait until the stream has flushed every section handed to it.
+   * @throws Error when a write failed
+   */
+  async flushed(): Promise<void> {
+    for (const slot of this.#slots) {
+      const err = await slot.pending;
+      if (err) throw err;
+    }
+  }
+
+  /** The next buffer, once the stream no longer holds it. */
+  async #take(): Promise<SendSlot> {
+    const slot = this.#slots[this.#next] as SendSlot;
+    this.#next ^= 1;
+    const err = await slot.pending;
+    slot.pending = null;
+    if (err) throw err;
+    if (this.#stream.destroyed || this.#stream.writableEnded) {
+      throw new Error("migration stream: connection closed");
+    }
+    return slot;
+  }
+
+  /** Header and CRC in place, then the section to the stream. */
+  #write(slot: SendSlot, iteration: number, count: number, end: number): void {
+    const buf = slot.buf;
+    const len = end - 8;
+    buf.writeUInt32BE(0, 0); // type, flags, reserved
+    buf.writeUInt8(SectionType.PAGES, 0);
+    buf.writeUInt32BE(len, 4);
+    buf.writeUInt32BE(iteration, 8);
+    buf.writeUInt32BE(count, 12);
+    buf.writeUInt32BE(crc32(buf.subarray(0, end)), end);
+    this.#counters.bytes += end + 4;
+    slot.pending = new Promise<Error | null>((resolve) => {
+      this.#stream.write(buf.subarray(0, end + 4), (err) => resolve(err ?? null));
+    });
+  }
+}
+
+/** A zero page, compared against by {@link isZeroPage} (never written). */
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+
+/** True when the 4096 bytes at `off` are all zero. */
+function isZeroPage(buf: Buffer, off: number): boolean {
+  return buf.compare(ZERO_PAGE, 0, PAGE_SIZE, off, off + PAGE_SIZE) === 0;
 }
 
 /**

@@ -19,7 +19,7 @@ import { ProtocolFeature, VirtioFeature, featureMask, hasFeature } from "../prot
 import { VhostUserError } from "../protocol/errors.js";
 import { packedRingSizes, splitRingSizes } from "../virtq/layout.js";
 import type { QueueBase } from "../virtq/types.js";
-import { allPages, hashGuestRam, PAGE_SIZE, sendPages } from "./pages.js";
+import { allPages, hashGuestRam, PAGE_SIZE, PageSender } from "./pages.js";
 import type { PageCounters } from "./pages.js";
 import {
   SectionReader,
@@ -226,6 +226,8 @@ export interface SourceContext {
   ram: GuestRam;
   stream: Duplex;
   counters: PageCounters;
+  /** sends the PAGES sections (its buffers are reused across passes) */
+  pages: PageSender;
   progress(phase: MigrationProgress["phase"], iteration: number, dirty: number): void;
   send(b: Uint8Array): Promise<void>;
   /** a stream write or a wait that loses the race to an abort (FAIL, hang-up, back-end gone) */
@@ -317,7 +319,7 @@ async function sourcePrecopy(c: SourceContext): Promise<void> {
   ram.takeDirty();
   c.iteration = 1;
   c.progress("precopy", 1, ram.size / PAGE_SIZE);
-  await c.guard(sendPages(c.stream, ram.memory, 1, allPages(ram), counters));
+  await c.guard(c.pages.send(1, allPages(ram)));
   await c.guard(c.send(iterationEnd(1, counters.pages)));
   await c.caughtUp(1);
   for (;;) {
@@ -333,7 +335,7 @@ async function sourcePrecopy(c: SourceContext): Promise<void> {
     c.progress("precopy", c.iteration, dirty.size);
     const before = counters.pages;
     const pages = [...dirty].sort((a, b) => a - b);
-    await c.guard(sendPages(c.stream, ram.memory, c.iteration, pages, counters));
+    await c.guard(c.pages.send(c.iteration, pages));
     await c.guard(c.send(iterationEnd(c.iteration, counters.pages - before)));
     // Pace on the destination: the next dirty set is taken once this pass is applied there
     // (the guest and the back-ends run meanwhile).
@@ -362,7 +364,9 @@ async function sourceStop(c: SourceContext): Promise<void> {
   for (const [index, q] of fe.queues) c.enabled.set(index, q.enabled);
   if (c.options.guest) await c.options.guest.pause();
   c.paused = true;
-  for (const index of fe.queues.keys()) c.bases.set(index, await fe.stopQueue(index));
+  // One round trip for every ring (the requests written back to back, in queue order). When
+  // one fails, the rings that did stop are marked so, and the rollback restarts them.
+  for (const [index, base] of await fe.stopQueues(fe.queues.keys())) c.bases.set(index, base);
   c.checkAbort();
   for (const [index, q] of fe.queues) {
     q.collectUsed();
@@ -407,7 +411,7 @@ async function sourceFinalPages(c: SourceContext): Promise<void> {
   const before = counters.pages;
   c.iteration++;
   const pages = [...finalSet].sort((a, b) => a - b);
-  await c.guard(sendPages(c.stream, ram.memory, c.iteration, pages, counters));
+  await c.guard(c.pages.send(c.iteration, pages));
   c.finalPages = counters.pages - before;
   await c.guard(c.send(iterationEnd(c.iteration, c.finalPages)));
 }
@@ -487,6 +491,7 @@ async function sourceSwitchover(c: SourceContext): Promise<void> {
   }
   c.progress("switchover", c.iteration, 0);
   await c.guard(c.send(encodeSection(SectionType.END, end)));
+  await c.guard(c.pages.flushed());
   await c.guardFor(c.done, c.options.doneTimeoutMs ?? 20_000, "DONE");
 }
 
@@ -619,6 +624,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     ram,
     stream,
     counters,
+    pages: new PageSender(stream, ram.memory, counters),
     progress: (phase, iteration, dirty) =>
       options.onProgress?.({
         phase,

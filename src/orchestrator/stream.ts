@@ -58,6 +58,12 @@ export enum SectionType {
   ITERATION_ACK = 0x84,
 }
 
+/** Options of {@link SectionReader.next}. */
+export interface ReadOptions {
+  /** hand out a view valid until the next read instead of a copy */
+  readonly borrow?: boolean;
+}
+
 /** A section read from the stream. */
 export interface Section {
   type: SectionType;
@@ -149,6 +155,8 @@ export class SectionReader {
   #error: Error | null = null;
   #wake: (() => void) | null = null;
   #peeked: Section | null = null;
+  /** where a borrowed section that spans chunks is assembled (grown as needed, reused) */
+  #scratch: Buffer | null = null;
   /** bytes consumed so far */
   bytesRead = 0;
   /** the stage being read (named in truncation errors) */
@@ -188,7 +196,7 @@ export class SectionReader {
     w?.();
   }
 
-  async #need(n: number, what: string): Promise<Buffer> {
+  async #need(n: number, what: string, borrow = false): Promise<Buffer> {
     while (this.#have < n) {
       // A section larger than the high-water mark needs more than that buffered.
       if (this.#paused) {
@@ -214,7 +222,13 @@ export class SectionReader {
       if (first.length === n) this.#chunks.shift();
       else this.#chunks[0] = first.subarray(n);
     } else {
-      out = Buffer.allocUnsafe(n);
+      if (borrow) {
+        // LIFETIME: the scratch buffer is handed out until the next read (see `next`).
+        if (this.#scratch === null || this.#scratch.length < n) {
+          this.#scratch = Buffer.allocUnsafeSlow(Math.max(n, 2 * (this.#scratch?.length ?? 0)));
+        }
+        out = this.#scratch.subarray(0, n);
+      } else out = Buffer.allocUnsafe(n);
       let off = 0;
       while (off < n) {
         const c = this.#chunks[0] as Buffer;
@@ -247,11 +261,12 @@ export class SectionReader {
   /**
    * The next section of the current stage, or null (without consuming it) when the next
    * section opens a new stage.
+   * @param options `borrow`: see {@link next}
    * @returns the section or null
    * @throws as {@link next}
    */
-  async nextInStage(): Promise<Section | null> {
-    const s = this.#peeked ?? (await this.next());
+  async nextInStage(options: ReadOptions = {}): Promise<Section | null> {
+    const s = this.#peeked ?? (await this.next(options));
     if (s.type === SectionType.STAGE) {
       this.#peeked = s;
       return null;
@@ -280,11 +295,14 @@ export class SectionReader {
 
   /**
    * Read the next section.
+   * @param options `borrow: true`: the payload is a view that stays valid only until the next
+   *   read from this reader (no copy, no allocation: for sections used at once, such as PAGES);
+   *   otherwise the payload is the caller's
    * @returns the section (its CRC checked)
    * @throws MigrationStreamFormatError for a truncated stream, an oversized section, non-zero
    *   flags or reserved bytes, or a bad CRC
    */
-  async next(): Promise<Section> {
+  async next(options: ReadOptions = {}): Promise<Section> {
     if (this.#peeked !== null) {
       const p = this.#peeked;
       this.#peeked = null;
@@ -308,7 +326,8 @@ export class SectionReader {
     const len = h.readUInt32BE(4);
     if (len > MAX_SECTION_SIZE)
       throw new MigrationStreamFormatError("length", len, "section too large");
-    const body = await this.#need(len + 4, `section ${SectionType[type] ?? type}`);
+    const borrow = options.borrow === true;
+    const body = await this.#need(len + 4, `section ${SectionType[type] ?? type}`, borrow);
     const c = crc32(body.subarray(0, len), crc32(h));
     const want = body.readUInt32BE(len);
     if (c !== want) {
@@ -318,8 +337,11 @@ export class SectionReader {
         `section ${SectionType[type] ?? type}: checksum mismatch`,
       );
     }
-    // Copy: the chunk buffer may be reused by a later concat.
-    return { type, payload: new Uint8Array(body.subarray(0, len)) };
+    // Copy unless borrowed: a view would keep its whole chunk alive, or be the scratch buffer.
+    return {
+      type,
+      payload: borrow ? body.subarray(0, len) : new Uint8Array(body.subarray(0, len)),
+    };
   }
 }
 
