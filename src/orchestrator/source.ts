@@ -249,6 +249,8 @@ export interface SourceContext {
   bases: Map<number, QueueBase>;
   enabled: Map<number, boolean>;
   snapshots: DriverSnapshot[];
+  /** GET_STATUS, sent behind the stop's requests (null without STATUS); never rejects */
+  status: Promise<number | Error> | null;
   finalPages: number;
   backendState: Uint8Array | null;
   backendSaveMs: number;
@@ -366,7 +368,13 @@ async function sourceStop(c: SourceContext): Promise<void> {
   c.paused = true;
   // One round trip for every ring (the requests written back to back, in queue order). When
   // one fails, the rings that did stop are marked so, and the rollback restarts them.
-  for (const [index, base] of await fe.stopQueues(fe.queues.keys())) c.bases.set(index, base);
+  const stopping = fe.stopQueues(fe.queues.keys());
+  // ORDERING: stopQueues wrote its requests before returning its promise; GET_STATUS follows
+  // them on the wire, so the status read is the stopped device's, in the same round trip.
+  if (hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS)) {
+    c.status = fe.getStatus().catch((err: unknown) => err as Error);
+  }
+  for (const [index, base] of await stopping) c.bases.set(index, base);
   c.checkAbort();
   for (const [index, q] of fe.queues) {
     q.collectUsed();
@@ -419,9 +427,11 @@ async function sourceFinalPages(c: SourceContext): Promise<void> {
 /** virtio state: the device's layers (seed 001's save order), from the stopped rings. */
 async function sourceVirtioState(c: SourceContext): Promise<void> {
   const fe = c.fe;
-  const status = hasFeature(fe.protocolFeatures, ProtocolFeature.STATUS)
-    ? await fe.getStatus()
-    : DeviceStatus.ACKNOWLEDGE |
+  const read = c.status !== null ? await c.status : null;
+  if (read instanceof Error) throw read;
+  const status =
+    read ??
+    DeviceStatus.ACKNOWLEDGE |
       DeviceStatus.DRIVER |
       DeviceStatus.FEATURES_OK |
       DeviceStatus.DRIVER_OK;
@@ -666,6 +676,7 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
     bases: new Map(),
     enabled: new Map(),
     snapshots: [],
+    status: null,
     finalPages: 0,
     backendState: null,
     backendSaveMs: 0,
