@@ -4,7 +4,8 @@
  * only each ring's SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL and
  * SET_VRING_ERR (in QEMU's vhost_virtqueue_start order, ring by ring), then SET_VRING_ENABLE
  * and SEND_RARP. Seen on the wire through the trace proxy between the destination's front-end
- * and a vhostkit back-end.
+ * and a vhostkit back-end; a second proxy on the source's side sees its stop written as one
+ * batch (each ring's SET_VRING_ENABLE 0 and GET_VRING_BASE, then GET_STATUS).
  */
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -45,11 +46,23 @@ test("destination request order: rings' sizes before the stop, bases, addresses 
       }
     },
   });
+  // The source's side: every request and answer, in the order the proxy saw them.
+  const srcSeen: string[] = [];
+  const srcProxy = new TraceProxy({
+    listen: join(dir, "traced-a.sock"),
+    connect: join(dir, "a.sock"),
+    onEvent: (e) => {
+      if (e.channel !== "main") return;
+      if (e.dir === "fe->be" && e.kind === "request") srcSeen.push(`-> ${e.name}`);
+      if (e.dir === "be->fe") srcSeen.push(`<- ${e.name}`);
+    },
+  });
   try {
     servers.push(serveBackend(new NetTestDevice({ mode: "sink" }), { path: join(dir, "a.sock") }));
     servers.push(serveBackend(new NetTestDevice({ mode: "sink" }), { path: join(dir, "b.sock") }));
     proxy.start();
-    const fe = await VhostUserFrontend.connect(join(dir, "a.sock"));
+    srcProxy.start();
+    const fe = await VhostUserFrontend.connect(join(dir, "traced-a.sock"));
     fes.push(fe);
     await fe.negotiate();
     const ram = GuestRam.create({ size: 4 << 20 });
@@ -124,12 +137,29 @@ test("destination request order: rings' sizes before the stop, bases, addresses 
     assert.ok(!after.some((n) => n.startsWith("SET_VRING_NUM")), "no size sent again");
     assert.equal(dst.rarpSent, after.includes("SEND_RARP"));
     assert.ok(!after.includes("SET_MEM_TABLE") && !after.includes("SET_FEATURES"));
+
+    // The source's stop: per ring ENABLE 0 then GET_VRING_BASE, then GET_STATUS, all written
+    // before the first answer comes back (one round trip for the whole stop).
+    const first = srcSeen.lastIndexOf("-> GET_VRING_BASE") - 3;
+    assert.deepEqual(
+      srcSeen.slice(first, first + 6),
+      [
+        "-> SET_VRING_ENABLE",
+        "-> GET_VRING_BASE",
+        "-> SET_VRING_ENABLE",
+        "-> GET_VRING_BASE",
+        "-> GET_STATUS",
+        "<- SET_VRING_ENABLE",
+      ],
+      srcSeen.slice(first - 2, first + 12).join(", "),
+    );
   } finally {
     gen?.stop();
     server?.close();
     for (const f of fes) f.close();
     for (const r of rams) r.close();
     proxy.close();
+    srcProxy.close();
     for (const s of servers) s.close();
     rmSync(dir, { recursive: true, force: true });
   }
