@@ -505,6 +505,9 @@ async function sourceSwitchover(c: SourceContext): Promise<void> {
   await c.guardFor(c.done, c.options.doneTimeoutMs ?? 20_000, "DONE");
 }
 
+/** Sections up to this size are queued on the stream without waiting for it to drain. */
+const SMALL_SECTION = 64 << 10;
+
 /** The source's stage functions, by the names of HOST_STREAM_STAGES. */
 const SOURCE_STAGES: Readonly<Record<string, Omit<HostStage<SourceContext>, "name">>> = {
   setup: { run: sourceSetup },
@@ -645,6 +648,13 @@ export async function migrateSource(options: SourceOptions): Promise<MigrationRe
       }),
     send: async (b) => {
       bytesSent += b.length;
+      // A small section goes behind what the socket still holds without waiting for it to
+      // drain: the state sections of the downtime do not wait for the final pages to flush
+      // (the stream keeps the order; the few small sections bound what is queued).
+      if (b.length <= SMALL_SECTION && !stream.destroyed && !stream.writableEnded) {
+        stream.write(b);
+        return;
+      }
       await writeAll(stream, b);
     },
     // Only stream I/O and waits for the destination race the abort: a front-end request
