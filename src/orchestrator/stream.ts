@@ -224,8 +224,10 @@ export class SectionReader {
     } else {
       if (borrow) {
         // LIFETIME: the scratch buffer is handed out until the next read (see `next`).
+        // Grown by doubling, never past the largest section (a sender's size is bounded).
         if (this.#scratch === null || this.#scratch.length < n) {
-          this.#scratch = Buffer.allocUnsafeSlow(Math.max(n, 2 * (this.#scratch?.length ?? 0)));
+          const grown = Math.min(2 * (this.#scratch?.length ?? 0), MAX_SECTION_SIZE + 4);
+          this.#scratch = Buffer.allocUnsafeSlow(Math.max(n, grown));
         }
         out = this.#scratch.subarray(0, n);
       } else out = Buffer.allocUnsafe(n);
