@@ -1,12 +1,14 @@
 /**
  * Helpers shared by the test files: an fd snapshot for leak checks, a logger that keeps what it
- * is told, and a Node.js child process started until it says it is ready.
+ * is told, a Node.js child process started until it says it is ready, and a dirty-log memfd
+ * read back here.
  */
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
 import { readdirSync, readlinkSync } from "node:fs";
 import type { TestContext } from "node:test";
 import type { Logger } from "../src/backend/device.js";
+import { native } from "../src/native.js";
 
 /**
  * The fds open in this process, as /proc/self/fd names, without epoll instances (the addon's
@@ -106,5 +108,56 @@ export async function until(cond: () => boolean, what: string, ms = 5000): Promi
   while (!cond()) {
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
     await sleep(5);
+  }
+}
+
+/** A dirty-log memfd mapped here too, to read what the back-end marked. */
+export class LogFile {
+  readonly fd: number;
+  readonly bytes: Uint8Array;
+  readonly #buf: ArrayBuffer;
+  /**
+   * @param size the log's size in bytes (what SET_LOG_BASE announces)
+   * @param mapped bytes of memfd behind it (default `size`; at least one page)
+   */
+  constructor(
+    readonly size: number,
+    mapped = size,
+  ) {
+    this.fd = native.memfdCreate("vk-test-log");
+    const len = Math.max(mapped, 4096);
+    native.ftruncate(this.fd, len);
+    this.#buf = native.mmap(this.fd, 0, len, true);
+    this.bytes = new Uint8Array(this.#buf);
+  }
+
+  /**
+   * @param gpa a guest physical address
+   * @returns true when the bit of its 4 KiB page is set
+   */
+  dirty(gpa: number): boolean {
+    const page = Math.floor(gpa / 4096);
+    return ((this.bytes[page >> 3] as number) & (1 << (page & 7))) !== 0;
+  }
+
+  /** @returns the pages whose bit is set, within the log's size */
+  pages(): number[] {
+    const out: number[] = [];
+    for (let i = 0; i < this.size; i++) {
+      const b = this.bytes[i] as number;
+      for (let bit = 0; bit < 8; bit++) if (b & (1 << bit)) out.push(i * 8 + bit);
+    }
+    return out;
+  }
+
+  /** Clear every bit within the log's size. */
+  clear(): void {
+    this.bytes.fill(0, 0, this.size);
+  }
+
+  /** Unmap and close the memfd. */
+  close(): void {
+    native.munmap(this.#buf);
+    native.close(this.fd);
   }
 }

@@ -30,7 +30,7 @@ import type { FrontendQueue } from "../src/frontend/queue.js";
 import { DirtyLog, LOG_PAGE_SIZE } from "../src/memory/dirty-log.js";
 import { splitRingSizes } from "../src/virtq/layout.js";
 import type { Gpa } from "../src/memory/address.js";
-import { sleep } from "./helpers.js";
+import { LogFile, sleep } from "./helpers.js";
 
 const FR = FrontendRequest;
 const LOG_ALL = featureMask(VirtioFeature.LOG_ALL);
@@ -60,39 +60,6 @@ class FillDevice implements VhostUserDevice {
       this.written += n;
       queue.pushUsed(c, n);
     }
-  }
-}
-
-/** A log memfd mapped here too, to read what the back-end marked. */
-class LogFile {
-  readonly fd: number;
-  readonly bytes: Uint8Array;
-  readonly #buf: ArrayBuffer;
-  constructor(
-    readonly size: number,
-    mapped = size,
-  ) {
-    this.fd = native.memfdCreate("vk-test-log");
-    const len = Math.max(mapped, 4096);
-    native.ftruncate(this.fd, len);
-    this.#buf = native.mmap(this.fd, 0, len, true);
-    this.bytes = new Uint8Array(this.#buf);
-  }
-  /** pages whose bit is set, within the log's size */
-  pages(): number[] {
-    const out: number[] = [];
-    for (let i = 0; i < this.size; i++) {
-      const b = this.bytes[i] as number;
-      for (let bit = 0; bit < 8; bit++) if (b & (1 << bit)) out.push(i * 8 + bit);
-    }
-    return out;
-  }
-  clear(): void {
-    this.bytes.fill(0, 0, this.size);
-  }
-  close(): void {
-    native.munmap(this.#buf);
-    native.close(this.fd);
   }
 }
 

@@ -19,7 +19,6 @@ import { join } from "node:path";
 import { BroadcastChannel } from "node:worker_threads";
 import fc from "fast-check";
 
-import { native } from "../src/native.js";
 import {
   FrontendRequest,
   VirtioFeature,
@@ -37,7 +36,7 @@ import type { DescChain } from "../src/virtq/types.js";
 import type { Gpa } from "../src/memory/address.js";
 import { ModelSlot } from "./fixtures/model-worker.js";
 import type { CompleteRequest, ModelWorkerOptions } from "./fixtures/model-worker.js";
-import { sleep } from "./helpers.js";
+import { LogFile, sleep } from "./helpers.js";
 
 const FR = FrontendRequest;
 const RAM_SIZE = 1 << 20;
@@ -184,26 +183,6 @@ function workerHolder(session: () => BackendSession | null): Holder {
     },
     close: () => bc.close(),
   };
-}
-
-class LogFile {
-  readonly fd: number;
-  readonly bytes: Uint8Array;
-  readonly #buf: ArrayBuffer;
-  constructor(readonly size: number) {
-    this.fd = native.memfdCreate("vk-model-log");
-    native.ftruncate(this.fd, Math.max(size, 4096));
-    this.#buf = native.mmap(this.fd, 0, Math.max(size, 4096), true);
-    this.bytes = new Uint8Array(this.#buf);
-  }
-  dirty(gpa: number): boolean {
-    const page = Math.floor(gpa / 4096);
-    return ((this.bytes[page >> 3] as number) & (1 << (page & 7))) !== 0;
-  }
-  close(): void {
-    native.munmap(this.#buf);
-    native.close(this.fd);
-  }
 }
 
 /** One step of a sequence. */

@@ -11,7 +11,6 @@ import assert from "node:assert/strict";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-import { native } from "../src/native.js";
 import {
   FrontendRequest,
   VRING_F_LOG,
@@ -35,7 +34,7 @@ import { splitRingSizes } from "../src/virtq/layout.js";
 import type { Gpa } from "../src/memory/address.js";
 import { Holder } from "./fixtures/hold-worker.js";
 import type { HoldOptions } from "./fixtures/hold-worker.js";
-import { sleep, until } from "./helpers.js";
+import { LogFile, sleep, until } from "./helpers.js";
 
 const FR = FrontendRequest;
 const LOG_ALL = featureMask(VirtioFeature.LOG_ALL);
@@ -164,27 +163,6 @@ async function taken(r: Rig, n: number, workers: boolean): Promise<void> {
     return;
   }
   await until(() => r.dev.holder.held.length === n, `${n} chains held`, 3000);
-}
-
-class LogFile {
-  readonly fd: number;
-  readonly bytes: Uint8Array;
-  readonly #buf: ArrayBuffer;
-  constructor(readonly size: number) {
-    this.fd = native.memfdCreate("vk-ring-stop-log");
-    const len = Math.max(size, 4096);
-    native.ftruncate(this.fd, len);
-    this.#buf = native.mmap(this.fd, 0, len, true);
-    this.bytes = new Uint8Array(this.#buf);
-  }
-  dirty(gpa: number): boolean {
-    const page = Math.floor(gpa / 4096);
-    return ((this.bytes[page >> 3] as number) & (1 << (page & 7))) !== 0;
-  }
-  close(): void {
-    native.munmap(this.#buf);
-    native.close(this.fd);
-  }
 }
 
 async function startLogging(r: Rig, log: LogFile): Promise<void> {
