@@ -6,8 +6,7 @@ import { createHash } from "node:crypto";
 import type { Duplex } from "node:stream";
 import type { GuestRam } from "../frontend/guest-ram.js";
 import type { GuestMemory } from "../memory/guest-memory.js";
-import { crc32 } from "../migration/state-codec.js";
-import { SectionType, MigrationStreamFormatError } from "./stream.js";
+import { SectionType, MigrationStreamFormatError, frameSection } from "./stream.js";
 
 /** Bytes per migrated page (VHOST_LOG_PAGE). */
 export const PAGE_SIZE = 4096;
@@ -143,17 +142,12 @@ export class PageSender {
 
   /** Header and CRC in place, then the section to the stream. */
   #write(slot: SendSlot, iteration: number, count: number, end: number): void {
-    const buf = slot.buf;
-    const len = end - 8;
-    buf.writeUInt32BE(0, 0); // type, flags, reserved
-    buf.writeUInt8(SectionType.PAGES, 0);
-    buf.writeUInt32BE(len, 4);
-    buf.writeUInt32BE(iteration, 8);
-    buf.writeUInt32BE(count, 12);
-    buf.writeUInt32BE(crc32(buf.subarray(0, end)), end);
-    this.#counters.bytes += end + 4;
+    slot.buf.writeUInt32BE(iteration, 8);
+    slot.buf.writeUInt32BE(count, 12);
+    const section = frameSection(slot.buf, SectionType.PAGES, end - 8);
+    this.#counters.bytes += section.length;
     slot.pending = new Promise<Error | null>((resolve) => {
-      this.#stream.write(buf.subarray(0, end + 4), (err) => resolve(err ?? null));
+      this.#stream.write(section, (err) => resolve(err ?? null));
     });
   }
 }

@@ -102,12 +102,24 @@ export function encodeSection(type: SectionType, payload: Uint8Array): Buffer {
     throw new MigrationStreamFormatError("length", payload.length, "section too large");
   }
   const out = Buffer.alloc(8 + payload.length + 4);
-  out.writeUInt8(type, 0);
-  out.writeUInt32BE(payload.length, 4);
   out.set(payload, 8);
-  const c = crc32(out.subarray(0, 8 + payload.length));
-  out.writeUInt32BE(c, 8 + payload.length);
-  return out;
+  return frameSection(out, type, payload.length);
+}
+
+/**
+ * Write a section's header and CRC around a payload already in place at byte 8 of `buf`
+ * (a sender that builds its payload where it will be sent, as the page sender does).
+ * @param buf at least `8 + length + 4` bytes
+ * @param type section type
+ * @param length payload bytes (at most {@link MAX_SECTION_SIZE})
+ * @returns the section: `buf`'s first `8 + length + 4` bytes
+ */
+export function frameSection(buf: Buffer, type: SectionType, length: number): Buffer {
+  buf.writeUInt32BE(0, 0); // flags and reserved bytes: 0
+  buf.writeUInt8(type, 0);
+  buf.writeUInt32BE(length, 4);
+  buf.writeUInt32BE(crc32(buf.subarray(0, 8 + length)), 8 + length);
+  return buf.subarray(0, 8 + length + 4);
 }
 
 /**
